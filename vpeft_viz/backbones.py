@@ -1,0 +1,165 @@
+"""Backbones: any timm ViT by name, a local checkpoint, or the embedded default.
+
+* ``create_backbone("vit_base_patch16_224", pretrained=True)`` downloads through timm's hub
+  when the network allows (and fails with a clear message when it does not);
+* ``create_backbone(name, checkpoint="weights.safetensors")`` loads a local file offline
+  (safetensors, or a torch file read with ``weights_only=True``);
+* ``create_backbone()`` is the embedded default: a small ViT registered with timm whose
+  weights ship with the project (see ``vpeft_viz/weights/MODEL_CARD.md``).
+
+Attention weights: timm computes attention with a fused kernel that never materialises the
+attention matrix. :func:`unfused_attention` is the one place that switches it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import register_model
+from timm.models.vision_transformer import Attention, VisionTransformer
+
+EMBEDDED_BACKBONE = "vit_tiny_patch4_32_vpeft"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+EMBEDDED_WEIGHTS = WEIGHTS_DIR / f"{EMBEDDED_BACKBONE}.safetensors"
+
+# Architecture of the embedded default, sized for live CPU runs (64 patch tokens + CLS).
+EMBEDDED_ARCH = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3,
+                     mlp_ratio=4.0, global_pool="token")
+# Pixel statistics the embedded backbone was pretrained with (plain [0, 1] pixels, centred).
+EMBEDDED_MEAN = (0.5, 0.5, 0.5)
+EMBEDDED_STD = (0.25, 0.25, 0.25)
+
+
+class BackboneError(RuntimeError):
+    """A backbone cannot be created or its weights cannot be loaded."""
+
+
+@register_model
+def vit_tiny_patch4_32_vpeft(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The embedded default ViT (192 wide, 6 deep, 3 heads, 4 px patches on 32 px images)."""
+    model = VisionTransformer(**{**EMBEDDED_ARCH, **kwargs})
+    model.pretrained_cfg = {"mean": EMBEDDED_MEAN, "std": EMBEDDED_STD,
+                            "input_size": (3, 32, 32), "architecture": EMBEDDED_BACKBONE}
+    if pretrained:
+        load_weights(model, EMBEDDED_WEIGHTS)
+    return model
+
+
+def create_backbone(name: str | None = None, *, num_classes: int = 0, pretrained: bool = True,
+                    checkpoint: str | Path | None = None) -> VisionTransformer:
+    """Build a timm ViT with a fresh ``num_classes`` head (0: no head).
+
+    ``pretrained`` loads the hub weights (or the shipped weights for the embedded default);
+    ``checkpoint`` loads a local file instead and never touches the network.
+    """
+    name = name or EMBEDDED_BACKBONE
+    if name not in timm.list_models() and name != EMBEDDED_BACKBONE:
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise BackboneError(f"unknown timm model {name!r}{hint}")
+    use_hub = pretrained and checkpoint is None
+    if name == EMBEDDED_BACKBONE and use_hub and not EMBEDDED_WEIGHTS.exists():
+        raise BackboneError(f"embedded weights missing at {EMBEDDED_WEIGHTS}; regenerate them "
+                            "with `python -m vpeft_viz pretrain`")
+    try:
+        model = timm.create_model(name, pretrained=use_hub, num_classes=num_classes)
+    except BackboneError:
+        raise
+    except Exception as e:  # hub/network failures surface as many exception types
+        if use_hub:
+            raise BackboneError(
+                f"could not download pretrained weights for {name!r} ({type(e).__name__}: {e}); "
+                "offline, pass a local checkpoint file instead") from e
+        raise
+    if not isinstance(model, VisionTransformer):
+        raise BackboneError(f"{name!r} is a {type(model).__name__}; only timm ViTs are supported")
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BackboneError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    for key in ("state_dict", "model", "module"):  # common wrappers around the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BackboneError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_weights(model: VisionTransformer, path: str | Path) -> None:
+    """Load backbone weights from a file; the classifier head is never taken from it."""
+    state = read_state_dict(path)
+    head_keys = {f"head.{k}" for k in model.head.state_dict()} | {"head.weight", "head.bias"}
+    state = {k: v for k, v in state.items() if k not in head_keys}
+    model_keys = set(model.state_dict()) - head_keys
+    missing = sorted(model_keys - set(state))
+    unexpected = sorted(set(state) - model_keys)
+    if missing or unexpected:
+        raise BackboneError(
+            f"checkpoint {path} does not fit {type(model).__name__}: "
+            f"missing {missing[:4]}{'…' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{'…' if len(unexpected) > 4 else ''}")
+    dtype = next(model.parameters()).dtype
+    for k, v in state.items():
+        if v.shape != model.state_dict()[k].shape:
+            raise BackboneError(f"checkpoint {path}: {k} has shape {tuple(v.shape)}, "
+                                f"model expects {tuple(model.state_dict()[k].shape)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+
+
+def input_stats(model: VisionTransformer) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std the backbone was pretrained with (ImageNet's for hub ViTs)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def image_size(model: VisionTransformer) -> int:
+    return int(model.patch_embed.img_size[0])
+
+
+@contextlib.contextmanager
+def unfused_attention(model: torch.nn.Module) -> Iterator[list[Attention]]:
+    """Compute attention explicitly (softmax materialised) so it can be hooked.
+
+    timm's ``Attention`` reads ``fused_attn`` at every forward; it is switched off on each
+    attention module for the duration and restored afterwards. Yields the modules.
+    """
+    mods = [m for m in model.modules() if isinstance(m, Attention)]
+    saved = [m.fused_attn for m in mods]
+    for m in mods:
+        m.fused_attn = False
+    try:
+        yield mods
+    finally:
+        for m, s in zip(mods, saved):
+            m.fused_attn = s
+
+
+@torch.no_grad()
+def attention_maps(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Attention probabilities of every block: a list of (batch, heads, tokens, tokens)."""
+    maps: list[torch.Tensor] = []
+    with unfused_attention(model) as mods:
+        hooks = [m.attn_drop.register_forward_hook(lambda _m, inp, _o: maps.append(inp[0].detach()))
+                 for m in mods]
+        try:
+            model(images)
+        finally:
+            for h in hooks:
+                h.remove()
+    return maps

@@ -1,0 +1,122 @@
+"""What every method shares: the config base, the method interface and its life cycle.
+
+A method attaches to a timm :class:`~timm.models.vision_transformer.VisionTransformer` by
+wrapping or inserting modules that subclass :class:`PeftModule`. Its trainable parameters are
+found by visiting those modules (structure), never by matching parameter names; the
+classifier head is always trained and counted separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import Config
+
+
+class NotMergeableError(RuntimeError):
+    """The method adds computation that cannot be folded into the backbone's weights."""
+
+
+@dataclass
+class MethodConfig(Config):
+    """Base for per-method hyperparameters (see each method's dataclass)."""
+
+
+class PeftModule(nn.Module):
+    """Marker base for every module a method adds.
+
+    A wrapper keeps the frozen module it wraps in ``self.base_layer``; everything else the
+    module owns (direct parameters and child modules) belongs to the method.
+    """
+
+    base_layer: nn.Module | None = None
+
+    def peft_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield from self.named_parameters(recurse=False)
+        for cname, child in self.named_children():
+            if child is self.base_layer or isinstance(child, PeftModule):
+                continue  # frozen base, or a nested PEFT module visited on its own
+            for pname, p in child.named_parameters():
+                yield f"{cname}.{pname}", p
+
+
+def peft_modules(model: nn.Module) -> Iterator[tuple[str, PeftModule]]:
+    for name, m in model.named_modules():
+        if isinstance(m, PeftModule):
+            yield name, m
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    head = model.get_classifier()
+    return list(head.parameters()) if isinstance(head, nn.Module) else []
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+class PeftMethod:
+    """A PEFT method: how it attaches, what it trains, whether it merges.
+
+    Life cycle, driven by :func:`vpeft_viz.methods.apply_method`:
+    ``prepare`` (data-dependent selection, optional) → ``attach`` → training → ``merge``
+    (optional) and ``artifacts`` (what the method computed, for its views).
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    title: ClassVar[str] = ""  # human label for menus
+    summary: ClassVar[str] = ""  # one plain-language sentence
+    paper: ClassVar[str] = ""
+    identity_at_init: ClassVar[bool] = True  # logits unchanged by attaching, before training
+    mergeable: ClassVar[bool] = False  # merge() returns a plain timm model, same function
+    needs_data: ClassVar[bool] = False  # prepare() must see training images
+    trains_backbone: ClassVar[bool] = False  # full fine-tuning
+    default_lr: ClassVar[float] = 1e-3
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    # -- life cycle ---------------------------------------------------------------------
+    def prepare(self, model: nn.Module, loader, *, device: torch.device, progress=None) -> None:
+        """Compute data-dependent choices (sensitivities, salient channels) before attach."""
+
+    def attach(self, model: nn.Module) -> None:
+        """Insert the method's modules into ``model`` in place."""
+
+    def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        """The method's own parameters (head excluded), found by module structure."""
+        seen: set[int] = set()
+        for mname, module in peft_modules(model):
+            for pname, p in module.peft_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield f"{mname}.{pname}", p
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the trained method into the backbone; returns a plain timm model."""
+        raise NotMergeableError(f"{self.name} cannot be merged into the backbone")
+
+    def training_loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      criterion: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(images)
+        return criterion(logits, labels), logits
+
+    # -- persistence and analysis -------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable result of ``prepare`` needed to rebuild the modules on load."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``prepare`` computed, so ``attach`` rebuilds the same modules."""
+
+    def artifacts(self, model: nn.Module) -> dict[str, Any]:
+        """What the method computed, for its views: name → numpy array or JSON value."""
+        return {}

@@ -1,0 +1,86 @@
+"""Building blocks shared by several methods."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from timm.models.vision_transformer import Block
+
+from ._base import PeftModule
+
+
+def vit_blocks(model: nn.Module) -> list[Block]:
+    """The transformer blocks of a timm ViT, with a clear error for other architectures."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(model).__name__} has no .blocks: only timm ViTs are supported")
+    out = []
+    for i, b in enumerate(blocks):
+        base = b.base_layer if isinstance(b, BlockWrapper) else b
+        if not isinstance(base, Block):
+            raise TypeError(
+                f"block {i} is a {type(base).__name__}; methods support timm's "
+                "vision_transformer.Block (pre-norm attention + MLP)"
+            )
+        out.append(base)
+    return out
+
+
+class BlockWrapper(PeftModule):
+    """Runs a timm ``Block``'s two residual branches with hooks between them.
+
+    Only the block's public submodules are used (norm1, attn, ls1, drop_path1, norm2, mlp,
+    ls2, drop_path2), so timm's attention code runs unchanged. Subclasses override:
+
+    * ``before(x)``     — edit the token sequence entering the block (prompts);
+    * ``after_attn(x)`` — edit the residual stream after the attention residual (SCT);
+    * ``mlp_branch(x)`` — the MLP residual branch, given the un-normalised stream
+      (AdaptFormer, DyT).
+    """
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self.base_layer = block
+
+    def before(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def after_attn(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base_layer
+        return b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base_layer
+        x = self.before(x)
+        x = x + b.drop_path1(b.ls1(b.attn(b.norm1(x))))
+        x = self.after_attn(x)
+        return x + self.mlp_branch(x)
+
+
+class Bottleneck(nn.Module):
+    """``up(act(down(x)))``: the adapter used by AdaptFormer, DyT and low-bit adapters.
+
+    ``down`` is Kaiming-uniform initialised and ``up`` zero-initialised, so the branch
+    outputs exactly zero at step 0.
+    """
+
+    def __init__(self, dim: int, rank: int, *, bias: bool = True, act: str = "relu",
+                 dropout: float = 0.0):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=bias)
+        self.act = nn.ReLU() if act == "relu" else nn.GELU()
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(rank, dim, bias=bias)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        if bias:
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.bias)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.dropout(self.act(self.down(x))))

@@ -1,0 +1,52 @@
+"""Method registry: ``@register_method("lora")`` on a :class:`PeftMethod` subclass."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._base import MethodConfig, PeftMethod
+
+_METHODS: dict[str, type[PeftMethod]] = {}
+
+
+class UnknownMethodError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def register_method(name: str):
+    """Class decorator that files a method under its command-line name."""
+
+    def wrap(cls: type[PeftMethod]) -> type[PeftMethod]:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        cls.Config.prefix = name
+        _METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def method_names() -> list[str]:
+    return list(_METHODS)
+
+
+def get_method_class(name: str) -> type[PeftMethod]:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; available: {', '.join(_METHODS)}"
+        ) from None
+
+
+def create_method(name: str, config: MethodConfig | dict[str, Any] | None = None) -> PeftMethod:
+    """Instantiate a method from its name and a config object or plain dict of values."""
+    cls = get_method_class(name)
+    if config is None or isinstance(config, dict):
+        config = cls.Config.from_dict(config)
+    elif not isinstance(config, cls.Config):
+        raise TypeError(f"{name} expects a {cls.Config.__name__}, got {type(config).__name__}")
+    return cls(config)

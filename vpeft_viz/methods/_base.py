@@ -34,12 +34,11 @@ class PeftModule(nn.Module):
     module owns (direct parameters and child modules) belongs to the method.
     """
 
-    base_layer: nn.Module | None = None
-
     def peft_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        base = self._modules.get("base_layer")
         yield from self.named_parameters(recurse=False)
         for cname, child in self.named_children():
-            if child is self.base_layer or isinstance(child, PeftModule):
+            if child is base or isinstance(child, PeftModule):
                 continue  # frozen base, or a nested PEFT module visited on its own
             for pname, p in child.named_parameters():
                 yield f"{cname}.{pname}", p
@@ -99,6 +98,10 @@ class PeftMethod:
                 if id(p) not in seen:
                     seen.add(id(p))
                     yield f"{mname}.{pname}", p
+
+    def num_trainable(self, model: nn.Module) -> int:
+        """How many weights the method trains (a sparse method counts chosen entries only)."""
+        return sum(p.numel() for _, p in self.trainable_parameters(model))
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the trained method into the backbone; returns a plain timm model."""

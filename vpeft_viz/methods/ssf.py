@@ -1,0 +1,123 @@
+"""SSF: Scaling & Shifting your Features.
+
+Lian et al., NeurIPS 2022, https://arxiv.org/abs/2210.08823 (dongzelian/SSF). After an
+operation with output y: ``y ← γ ⊙ y + β`` per channel, γ ~ N(1, 0.02²), β ~ N(0, 0.02²)
+(so not exactly the identity at init). Inserted in every block after norm1, qkv, proj, fc1
+(before GELU), fc2 and norm2, plus after the patch embedding and the final norm.
+
+Merge is exact (the official repository does not ship it): after a linear or convolution
+``W' = diag(γ) W, b' = γ ⊙ b + β``; after a LayerNorm the same fold into its affine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import param
+from ._base import MethodConfig, PeftMethod, PeftModule, replace_module
+from ._layers import vit_blocks
+from ._registry import register_method
+
+BLOCK_SITES = ("norm1", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "norm2")
+
+
+@dataclass
+class SSFConfig(MethodConfig):
+    init_std: float = param(0.02, "Std of the N(1, σ²) scale and N(0, σ²) shift initialisation "
+                            "(0 makes SSF exactly the identity at init).", min=0.0, max=1.0)
+
+
+class ScaleShift(PeftModule):
+    """``base(x) * scale + shift`` over the last (channel) dimension."""
+
+    def __init__(self, base: nn.Module, dim: int, init_std: float):
+        super().__init__()
+        self.base_layer = base
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.shift = nn.Parameter(torch.zeros(dim))
+        if init_std > 0:
+            nn.init.normal_(self.scale, mean=1.0, std=init_std)
+            nn.init.normal_(self.shift, mean=0.0, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) * self.scale + self.shift
+
+
+def _out_dim(m: nn.Module) -> int:
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if isinstance(m, nn.LayerNorm):
+        return m.normalized_shape[0]
+    raise TypeError(f"SSF cannot follow a {type(m).__name__}")
+
+
+def _fold(ss: ScaleShift, target: nn.Module) -> None:
+    """Fold γ, β into ``target`` (Linear, Conv2d or LayerNorm) in place."""
+    g, b = ss.scale.detach(), ss.shift.detach()
+    with torch.no_grad():
+        if isinstance(target, nn.LayerNorm) and not target.elementwise_affine:
+            raise TypeError("cannot fold SSF into a LayerNorm without affine parameters")
+        w = target.weight
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        new_w = w * g.view(shape)
+        old_b = target.bias if target.bias is not None else torch.zeros_like(g)
+        new_b = old_b * g + b
+        if not (torch.isfinite(new_w).all() and torch.isfinite(new_b).all()):
+            raise ValueError("SSF merge produced non-finite weights")
+        w.copy_(new_w)
+        if target.bias is None:
+            target.bias = nn.Parameter(new_b.clone(), requires_grad=w.requires_grad)
+        else:
+            target.bias.copy_(new_b)
+
+
+@register_method("ssf")
+class SSF(PeftMethod):
+    Config = SSFConfig
+    title = "SSF"
+    summary = ("Learn a per-channel scale and shift after every operation; they fold back "
+               "into the weights, so inference costs nothing extra.")
+    paper = "https://arxiv.org/abs/2210.08823"
+    identity_at_init = False
+    mergeable = True
+
+    def sites(self, model: nn.Module) -> list[str]:
+        """Module names SSF follows, in forward order."""
+        names = ["patch_embed.norm"]
+        for i, _ in enumerate(vit_blocks(model)):
+            names += [f"blocks.{i}.{s}" for s in BLOCK_SITES]
+        return names + ["norm"]
+
+    def attach(self, model: nn.Module) -> None:
+        std = self.config.init_std
+        embed_dim = model.embed_dim
+        for name in self.sites(model):
+            base = model.get_submodule(name)
+            dim = embed_dim if isinstance(base, nn.Identity) else _out_dim(base)
+            replace_module(model, name, ScaleShift(base, dim, std))
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        for name, m in list(model.named_modules()):
+            if not isinstance(m, ScaleShift):
+                continue
+            base = m.base_layer
+            if isinstance(base, nn.Identity):  # patch_embed.norm: fold into the patch conv
+                if name != "patch_embed.norm":
+                    raise TypeError(f"cannot merge SSF after an Identity at {name}")
+                _fold(m, model.patch_embed.proj)
+            else:
+                _fold(m, base)
+            replace_module(model, name, base)
+        return model
+
+    def artifacts(self, model: nn.Module) -> dict:
+        """γ and β per site, for the scale/shift distribution views."""
+        out = {}
+        for name, m in model.named_modules():
+            if isinstance(m, ScaleShift):
+                out[f"scale/{name}"] = m.scale.detach().cpu().numpy()
+                out[f"shift/{name}"] = m.shift.detach().cpu().numpy()
+        return out

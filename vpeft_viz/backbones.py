@@ -125,7 +125,9 @@ def load_weights(model: VisionTransformer, path: str | Path) -> None:
 def input_stats(model: VisionTransformer) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean/std the backbone was pretrained with (ImageNet's for hub ViTs)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    mean = cfg.get("mean", (0.485, 0.456, 0.406))
+    std = cfg.get("std", (0.229, 0.224, 0.225))
+    return tuple(mean), tuple(std)
 
 
 def image_size(model: VisionTransformer) -> int:

@@ -149,9 +149,8 @@ class Config:
         values: dict[str, Any] = {}
         for key, raw in pairs.items():
             if key not in specs:
-                raise ConfigError(
-                    f"unknown {cls.prefix} setting {key!r}; known: {', '.join(sorted(specs)) or '(none)'}"
-                )
+                known = ", ".join(sorted(specs)) or "(none)"
+                raise ConfigError(f"unknown {cls.prefix} setting {key!r}; known: {known}")
             values[key] = parse_value(f"{cls.prefix}.{key}", specs[key].type, raw,
                                       cls._optional_field(key))
         return cls.from_dict(values)

@@ -1,0 +1,32 @@
+"""Task data: folder formats, the image dataset and the embedded task suite.
+
+A data SPEC is ``embedded:<task>`` or a folder path (VTAB-1k task folder, FGVC folder with
+train/val/test.json, or an ImageFolder tree).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .formats import DataError, Sample, TaskSplits, read_task, read_vtab
+
+EMBEDDED_PREFIX = "embedded:"
+
+__all__ = ["DataError", "EMBEDDED_PREFIX", "Sample", "TaskSplits", "resolve_data"]
+
+
+def resolve_data(spec: str, *, seed: int = 0, progress=None) -> TaskSplits:
+    """Read the task a SPEC names, generating an embedded task on first use."""
+    if spec.startswith(EMBEDDED_PREFIX):
+        from .embedded import ensure_task
+
+        name = spec[len(EMBEDDED_PREFIX):]
+        task = read_vtab(ensure_task(name, progress=progress))
+        task.name = name
+        task.format = "embedded"
+        return task
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"data folder not found: {path} (or use embedded:<task>; "
+                        "`python -m vpeft_viz tasks` lists them)")
+    return read_task(path, seed=seed)

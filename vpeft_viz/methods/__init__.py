@@ -10,10 +10,21 @@ from __future__ import annotations
 from torch import nn
 
 from . import adaptformer, baselines, lora, ssf, vpt  # noqa: F401  (registration)
-from ._base import (MethodConfig, NotMergeableError, PeftMethod, PeftModule, head_parameters,
-                    peft_modules)
-from ._registry import (UnknownMethodError, create_method, get_method_class, method_names,
-                        register_method)
+from ._base import (
+    MethodConfig,
+    NotMergeableError,
+    PeftMethod,
+    PeftModule,
+    head_parameters,
+    peft_modules,
+)
+from ._registry import (
+    UnknownMethodError,
+    create_method,
+    get_method_class,
+    method_names,
+    register_method,
+)
 
 __all__ = [
     "MethodConfig", "NotMergeableError", "PeftMethod", "PeftModule", "UnknownMethodError",
@@ -43,7 +54,7 @@ def count_parameters(model: nn.Module, method: PeftMethod) -> dict[str, int]:
             "total": total}
 
 
-def trainable_state(model: nn.Module) -> dict[str, "object"]:
+def trainable_state(model: nn.Module) -> dict[str, object]:
     """The tensors a run must keep: trainable parameters and buffers of PEFT modules."""
     state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     for mname, m in peft_modules(model):

@@ -9,6 +9,11 @@ if TYPE_CHECKING:
 
 _METHODS: dict[str, type[PeftMethod]] = {}
 
+# Listing order (DESIGN.md's command-line names); methods not named here follow, by name.
+CANONICAL_ORDER = ("linear", "full", "bitfit", "vpt-shallow", "vpt-deep", "lora", "adaptformer",
+                   "ssf", "spt-lora", "spt-adapter", "sct", "dyt", "e2vpt", "bi-adaptformer",
+                   "bi-lora", "velora", "hst", "pvp")
+
 
 class UnknownMethodError(KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
@@ -30,7 +35,8 @@ def register_method(name: str):
 
 
 def method_names() -> list[str]:
-    return list(_METHODS)
+    rank = {n: i for i, n in enumerate(CANONICAL_ORDER)}
+    return sorted(_METHODS, key=lambda n: (rank.get(n, len(rank)), n))
 
 
 def get_method_class(name: str) -> type[PeftMethod]:
@@ -38,7 +44,7 @@ def get_method_class(name: str) -> type[PeftMethod]:
         return _METHODS[name]
     except KeyError:
         raise UnknownMethodError(
-            f"unknown method {name!r}; available: {', '.join(_METHODS)}"
+            f"unknown method {name!r}; available: {', '.join(method_names())}"
         ) from None
 
 

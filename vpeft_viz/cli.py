@@ -1,0 +1,226 @@
+"""Command line: ``python -m vpeft_viz <command>`` (contract, see DESIGN.md "Command line").
+
+Every command without ``--backbone`` uses the embedded default. Errors exit non-zero with
+one clear line on stderr; ``--json`` output is one JSON object (or list) on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .runs import user_store_path
+
+DEFAULT_STORE = user_store_path()
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, default=str))
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import get_method_class, method_names
+
+    rows = []
+    for name in method_names():
+        cls = get_method_class(name)
+        rows.append({"name": name, "title": cls.title, "summary": cls.summary,
+                     "mergeable": cls.mergeable, "identity_at_init": cls.identity_at_init,
+                     "needs_data": cls.needs_data, "paper": cls.paper,
+                     "config": cls.Config().to_dict()})
+    if args.json:
+        _print_json(rows)
+    else:
+        width = max(len(r["name"]) for r in rows)
+        for r in rows:
+            print(f"{r['name']:<{width}}  {r['summary']}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .data.embedded import list_tasks
+
+    rows = list_tasks()
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            sizes = "/".join(str(r["sizes"][k]) for k in ("train", "val", "test"))
+            print(f"{r['name']:<14} {r['group']:<12} {r['num_classes']:>3} classes  "
+                  f"{sizes:<12} {r['description']}  [{r['source']}; {r['licence']}]")
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from .backbones import create_backbone
+    from .config import parse_overrides
+    from .methods import attach_method, count_parameters, get_method_class
+
+    cls = get_method_class(args.method)
+    method = cls(cls.Config.from_strings(parse_overrides(args.set)))
+    if method.needs_data:
+        raise SystemExit(f"error: {args.method} chooses its parameters from data; "
+                         "its count is reported by `train`")
+    model = create_backbone(args.backbone, num_classes=args.num_classes, pretrained=False)
+    attach_method(model, method)
+    counts = count_parameters(model, method)
+    if args.json:
+        _print_json(counts)
+    else:
+        for k, v in counts.items():
+            print(f"{k:<20} {v:,}")
+    return 0
+
+
+class _ProgressBar:
+    """tqdm bar on stderr driven by the engine's callbacks."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def on_start(self, info: dict) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=info["steps"], unit="step", file=sys.stderr, dynamic_ncols=True,
+                        desc="train")
+
+    def on_step(self, step: int, total: int, loss: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    def on_epoch(self, row: dict) -> None:
+        self.bar.set_description(f"epoch {row['epoch']} val {row['val_acc']:.3f}")
+
+    def should_stop(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import parse_overrides
+    from .runs.execute import execute_run, make_run_config
+    from .runs.store import RunStore
+
+    train = parse_overrides(args.train_set)
+    from .train import TrainConfig
+
+    train_values = TrainConfig.from_strings(train).to_dict()
+    if args.epochs is not None:
+        train_values["epochs"] = args.epochs
+    if args.seed is not None:
+        train_values["seed"] = args.seed
+    from .methods import get_method_class
+
+    method_cls = get_method_class(args.method)
+    method_cfg = method_cls.Config.from_strings(parse_overrides(args.set)).to_dict()
+    config = make_run_config(method=args.method, data=args.data, backbone=args.backbone,
+                             method_config=method_cfg, train=train_values,
+                             checkpoint=args.checkpoint, pretrained=not args.random_init,
+                             normalization=args.normalization)
+    store = RunStore(args.store)
+    run = store.create(config)
+    print(f"run {run.id} in {store.root}", file=sys.stderr)
+    bar = _ProgressBar()
+    try:
+        summary = execute_run(run, callbacks=[bar])
+    finally:
+        bar.close()
+    if args.json:
+        _print_json(summary)
+    else:
+        test = summary.get("test_acc", float("nan"))
+        print(f"{run.id}: val {summary['val_acc']:.4f}  test {test:.4f}"
+              f"  trainable {summary['trainable_params']:,}  {summary['train_time_s']:.1f}s")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .runs.store import RunStore
+
+    store = RunStore(args.store, read_only=True)
+    rows = []
+    for run in store.list():
+        st, summ, cfg = run.status(), run.summary() or {}, run.config
+        rows.append({"run_id": run.id, "status": st.get("status"), "error": st.get("error"),
+                     "method": cfg.get("method"), "task": cfg.get("data", {}).get("name"),
+                     "backbone": cfg.get("backbone", {}).get("name"),
+                     "seed": cfg.get("train", {}).get("seed"),
+                     "val_acc": summ.get("val_acc"), "test_acc": summ.get("test_acc"),
+                     "trainable_params": summ.get("trainable_params")})
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            acc = "" if r["test_acc"] is None else f"test {r['test_acc']:.4f}"
+            print(f"{r['run_id']}  {r['status']:<9} {r['method']:<12} {r['task']:<12} {acc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vpeft_viz",
+                                description="vpeft-viz: visual PEFT lab (command line)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("methods", help="registered PEFT methods")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_methods)
+
+    s = sub.add_parser("tasks", help="embedded tasks")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_tasks)
+
+    s = sub.add_parser("params", help="count trainable parameters (never downloads weights)")
+    s.add_argument("--backbone", default=None, help="timm model name (default: embedded)")
+    s.add_argument("--method", required=True)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="method setting")
+    s.add_argument("--num-classes", type=int, default=0, help="head size (0: no head)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_params)
+
+    s = sub.add_parser("train", help="fine-tune one method on one task into the run store")
+    s.add_argument("--backbone", default=None, help="timm model name (default: embedded)")
+    s.add_argument("--checkpoint", default=None, help="local weights file (offline)")
+    s.add_argument("--random-init", action="store_true", help="do not load pretrained weights")
+    s.add_argument("--data", required=True, help="folder path or embedded:<task>")
+    s.add_argument("--normalization", default="backbone",
+                   choices=("backbone", "imagenet", "none"),
+                   help="input normalisation (recorded in the run)")
+    s.add_argument("--method", required=True)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="method setting")
+    s.add_argument("--train-set", action="append", metavar="KEY=VALUE",
+                   help="training setting (lr, batch_size, ...)")
+    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("runs", help="list runs in a store")
+    s.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_runs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as e:  # one clear line, not a traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        if os.environ.get("VPEFT_VIZ_DEBUG"):
+            raise
+        return 1

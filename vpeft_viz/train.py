@@ -1,0 +1,250 @@
+"""Training and evaluation engine: a loop that reads top to bottom, with callbacks.
+
+The loop knows nothing of the UI or the run store: progress leaves through
+:class:`Callback` hooks (a progress bar, a run directory, a dashboard poller attach there).
+Model selection uses the validation split only; the caller evaluates the test split once,
+on the selected weights (VTAB-1k papers that pick checkpoints on test are not followed).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config, ConfigError, param
+from .methods import PeftMethod
+
+
+@dataclass
+class TrainConfig(Config):
+    """The training recipe (defaults follow the common VTAB-1k AdamW recipe, shortened)."""
+
+    prefix = "train"
+
+    epochs: int = param(10, "Passes over the training split.", min=1, max=1000)
+    batch_size: int = param(64, "Training images per step.", min=1, max=4096)
+    lr: float | None = param(None, "Peak learning rate; empty uses the method's default "
+                             "(1e-3 for PEFT methods, 1e-4 for full fine-tuning).",
+                             min=0.0, max=10.0)
+    weight_decay: float = param(1e-4, "Decoupled weight decay (AdamW) or L2 (SGD).",
+                                min=0.0, max=1.0)
+    optimizer: str = param("adamw", "Optimiser.", choices=("adamw", "sgd"))
+    momentum: float = param(0.9, "SGD momentum (ignored by AdamW).", min=0.0, max=0.999)
+    warmup_epochs: float = param(1.0, "Linear warm-up length before cosine decay, in epochs.",
+                                 min=0.0, max=1000.0)
+    label_smoothing: float = param(0.0, "Label smoothing of the cross-entropy.",
+                                   min=0.0, max=0.5)
+    seed: int = param(0, "Seed for initialisation, shuffling and dropout.", min=0, max=2**31 - 1)
+    device: str = param("auto", "Where to train: a GPU when there is one (auto), or force one.",
+                        choices=("auto", "cpu", "cuda"))
+    precision: str = param("auto", "bf16 autocast on CUDA (auto), or force fp32.",
+                           choices=("auto", "fp32", "bf16"))
+    eval_batch_size: int = param(256, "Images per evaluation step.", min=1, max=8192)
+
+    def validate(self) -> None:
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"train.warmup_epochs ({self.warmup_epochs}) must not exceed "
+                              f"train.epochs ({self.epochs})")
+
+
+def resolve_device(kind: str) -> torch.device:
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA device is available")
+    if kind == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(kind)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA allocator memory on GPU; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class Callback:
+    """Hooks the loop calls; override what you need."""
+
+    def on_start(self, info: dict) -> None: ...
+
+    def on_step(self, step: int, total_steps: int, loss: float) -> None: ...
+
+    def on_epoch(self, row: dict) -> None: ...
+
+    def should_stop(self) -> bool:
+        return False
+
+
+class Cancelled(Exception):
+    """Training stopped because a callback asked for it."""
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float):
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # biases, norms, scales: no weight decay
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    confusion: np.ndarray  # (true, predicted) counts
+
+    @property
+    def per_class_acc(self) -> list[float]:
+        totals = self.confusion.sum(1)
+        return [float(c / t) if t else float("nan")
+                for c, t in zip(np.diag(self.confusion), totals)]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: torch.device,
+             amp: torch.dtype | None = None) -> EvalResult:
+    model.eval()
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    total_loss, n = 0.0, 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(images)
+        total_loss += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+        pred = logits.argmax(1)
+        np.add.at(confusion, (labels.cpu().numpy(), pred.cpu().numpy()), 1)
+        n += labels.numel()
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    return EvalResult(total_loss / n, float(np.trace(confusion) / n), confusion)
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_val_acc: float = float("nan")
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    train_time_s: float = 0.0
+    images_seen: int = 0
+    cancelled: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_seen / self.train_time_s if self.train_time_s > 0 else 0.0
+
+
+def fit(model: nn.Module, method: PeftMethod, train_loader, val_loader, num_classes: int,
+        cfg: TrainConfig, *, callbacks: Iterable[Callback] = (), device: torch.device | None = None
+        ) -> FitResult:
+    """Train the trainable parameters of ``model``; keep the weights best on validation.
+
+    On return the model holds the best weights. A callback asking to stop ends training
+    after the current step with ``result.cancelled`` set (the best weights so far are kept).
+    """
+    callbacks = list(callbacks)
+    device = device or resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    lr = cfg.lr if cfg.lr is not None else method.default_lr
+    opt = make_optimizer(params, cfg, lr)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    steps_per_epoch = len(train_loader)
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    result = FitResult()
+    for cb in callbacks:
+        cb.on_start({"epochs": cfg.epochs, "steps": total, "lr": lr, "device": str(device)})
+
+    step = 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for images, labels in train_loader:
+            images, labels = images.to(device), labels.to(device)
+            for g in opt.param_groups:
+                g["lr"] = lr * lr_factor(step, total, warmup)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss, logits = method.training_loss(model, images, labels, criterion)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += loss.item() * labels.numel()
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += labels.numel()
+            for cb in callbacks:
+                cb.on_step(step, total, loss.item())
+            if any(cb.should_stop() for cb in callbacks):
+                result.cancelled = True
+                break
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        result.train_time_s += time.perf_counter() - t0
+        result.images_seen += seen
+        if result.cancelled:
+            break
+        val = evaluate(model, val_loader, num_classes, device=device, amp=amp)
+        row = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"],
+               "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+               "val_loss": val.loss, "val_acc": val.acc, "time_s": result.train_time_s}
+        result.history.append(row)
+        if not val.acc <= result.best_val_acc:  # first epoch, or strictly better
+            result.best_val_acc, result.best_epoch = val.acc, epoch + 1
+            result.best_state = {n: p.detach().clone()
+                                 for n, p in model.named_parameters() if p.requires_grad}
+        for cb in callbacks:
+            cb.on_epoch(row)
+    if result.best_state:
+        model.load_state_dict(result.best_state, strict=False)
+    return result
+
+
+def flops_per_image(model: nn.Module, image: torch.Tensor) -> int:
+    """Forward FLOPs for one image in eval mode, counted by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(image[:1])
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())

@@ -151,7 +151,7 @@ def _parse_vtab_file(path: Path, root: Path) -> list[tuple[Sample, int]]:
                 ) from None
             if label < 0:
                 raise DataError(f"{where}: negative label {label} in line {text!r}")
-            image = (root / rel_path).resolve()
+            image = root / rel_path
             if not image.is_file():
                 raise DataError(f"{where}: image {image} listed in {path.name} does not exist")
             entries.append((Sample(image, label), line_no))
@@ -193,7 +193,7 @@ def read_vtab(root: Path | str, *, trainval: bool = False) -> TaskSplits:
     else:
         fit_files = ("train800.txt", "val200.txt", "train800val200.txt")
         num_classes = 1 + max(s.label for name in fit_files for s, _ in entries[name])
-        why = "the class count is max label over train800.txt/val200.txt + 1"
+        why = "the class count is max label over train800/val200/train800val200 + 1"
     for name in VTAB_SPLIT_FILES:
         _check_range(entries[name], root / name, num_classes, why)
 
@@ -218,19 +218,21 @@ def _line_of(text: str, key: str) -> int | None:
     return None
 
 
-def _where(path: Path, line_no: int | None) -> str:
+def _json_where(path: Path, key: str) -> str:
+    """``"<file>, line <n>"`` for an error about ``key`` of a JSON split (line found on demand)."""
+    line_no = _line_of(path.read_text(encoding="utf-8"), key)
     return f"{path}, line {line_no}" if line_no is not None else str(path)
 
 
-def _parse_fgvc_file(path: Path, root: Path) -> list[tuple[Sample, int | None]]:
-    """Samples of one FGVC JSON split (labels still as written), each with its line if found."""
+def _parse_fgvc_file(path: Path, root: Path) -> list[tuple[str, Sample]]:
+    """(key as written, sample) pairs of one FGVC JSON split; labels still as written."""
     text = path.read_text(encoding="utf-8")
 
     def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
         seen: dict[str, object] = {}
         for key, value in pairs:
             if key in seen:
-                raise DataError(f"{_where(path, _line_of(text, key))}: image {key!r} listed twice")
+                raise DataError(f"{_json_where(path, key)}: image {key!r} listed twice")
             seen[key] = value
         return seen
 
@@ -242,22 +244,25 @@ def _parse_fgvc_file(path: Path, root: Path) -> list[tuple[Sample, int | None]]:
         raise DataError(f"{path}: expected a JSON object mapping image path -> class id")
     if not mapping:
         raise DataError(f"{path}: split file is empty (no image -> class id entries)")
-    bases = [(root / sub).resolve() for sub in FGVC_IMAGE_DIRS]
-    entries: list[tuple[Sample, int | None]] = []
+    bases = [root / sub for sub in FGVC_IMAGE_DIRS]
+    entries: list[tuple[str, Sample]] = []
     for rel_path, label in mapping.items():
-        line_no = _line_of(text, rel_path)
-        where = _where(path, line_no)
         if isinstance(label, bool) or not isinstance(label, int):
-            raise DataError(f"{where}: label {label!r} of {rel_path!r} is not an integer")
+            raise DataError(
+                f"{_json_where(path, rel_path)}: label {label!r} of {rel_path!r} is not an integer"
+            )
         if label < 0:
-            raise DataError(f"{where}: negative label {label} for {rel_path!r}")
+            raise DataError(
+                f"{_json_where(path, rel_path)}: negative label {label} for {rel_path!r}"
+            )
         image = next((base / rel_path for base in bases if (base / rel_path).is_file()), None)
         if image is None:
             tried = ", ".join(str(base / rel_path) for base in bases)
             raise DataError(
-                f"{where}: image {rel_path!r} listed in {path.name} does not exist (tried {tried})"
+                f"{_json_where(path, rel_path)}: image {rel_path!r} listed in {path.name} "
+                f"does not exist (tried {tried})"
             )
-        entries.append((Sample(image, label), line_no))
+        entries.append((rel_path, Sample(image, label)))
     return entries
 
 
@@ -280,19 +285,19 @@ def read_fgvc(root: Path | str) -> TaskSplits:
         raise _missing_split_file(root, missing, FGVC_SPLIT_FILES)
     entries = {name: _parse_fgvc_file(root / name, root) for name in FGVC_SPLIT_FILES}
 
-    fit_ids = sorted({s.label for name in ("train.json", "val.json") for s, _ in entries[name]})
+    fit_ids = sorted({s.label for name in ("train.json", "val.json") for _, s in entries[name]})
     contiguous = fit_ids == list(range(len(fit_ids)))
     class_ids = {cid: i for i, cid in enumerate(fit_ids)}
     for name in FGVC_SPLIT_FILES:
-        for sample, line_no in entries[name]:
+        for key, sample in entries[name]:
             if sample.label not in class_ids:
                 raise DataError(
-                    f"{_where(root / name, line_no)}: class id {sample.label} of "
-                    f"{sample.path.name} never occurs in train.json/val.json "
+                    f"{_json_where(root / name, key)}: class id {sample.label} of "
+                    f"{key!r} never occurs in train.json/val.json "
                     f"({len(fit_ids)} classes there)"
                 )
     splits = {
-        split: [Sample(s.path, class_ids[s.label]) for s, _ in entries[f"{split}.json"]]
+        split: [Sample(s.path, class_ids[s.label]) for _, s in entries[f"{split}.json"]]
         for split in SPLIT_NAMES
     }
     notes = [] if contiguous else [f"class ids {fit_ids[0]}..{fit_ids[-1]} mapped to 0..K-1"]
@@ -314,7 +319,7 @@ def _is_visible(path: Path) -> bool:
 def _class_images(folder: Path) -> list[Path]:
     """Image files under a class folder (recursively), sorted, hidden files and folders skipped."""
     return sorted(
-        p.resolve()
+        p
         for p in folder.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny random-init timm ViT and a loader of random images for it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import DataLoader, TensorDataset
+
+# 32 px images, 8 px patches: 16 patch tokens + CLS, 48 wide, 2 blocks, 5 classes.
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=5)
+
+
+@pytest.fixture
+def tiny_vit() -> VisionTransformer:
+    """A fresh, seeded, random-init tiny timm ViT in eval mode (nothing is downloaded)."""
+    torch.manual_seed(0)
+    return VisionTransformer(**TINY_VIT).eval()
+
+
+@pytest.fixture
+def tiny_loader() -> DataLoader:
+    """16 random 32 px images with labels in [0, 5), batches of 8, fixed order."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(16, 3, 32, 32, generator=g)
+    labels = torch.randint(0, TINY_VIT["num_classes"], (16,), generator=g)
+    return DataLoader(TensorDataset(images, labels), batch_size=8, shuffle=False)
+
+
+def write_vtab_task(root, *, num_classes: int = 3, sizes=(24, 9, 9), seed: int = 0):
+    """A tiny learnable VTAB-1k-layout task folder (class = dominant colour channel)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = {}
+    for split, n in zip(("train", "val", "test"), sizes):
+        rows = []
+        for i in range(n):
+            y = i % num_classes
+            img = (rng.random((32, 32, 3)) * 80).astype(np.uint8)
+            img[:, :, y % 3] += 160
+            rel = f"images/{split}_{i:04d}.png"
+            Image.fromarray(img).save(root / rel)
+            rows.append(f"{rel} {y}")
+        lines[split] = rows
+    (root / "train800.txt").write_text("\n".join(lines["train"]) + "\n")
+    (root / "val200.txt").write_text("\n".join(lines["val"]) + "\n")
+    (root / "train800val200.txt").write_text("\n".join(lines["train"] + lines["val"]) + "\n")
+    (root / "test.txt").write_text("\n".join(lines["test"]) + "\n")
+    return root
+
+
+@pytest.fixture
+def vtab_task(tmp_path):
+    """Path of a tiny VTAB-1k-layout task folder named ``colours``."""
+    return write_vtab_task(tmp_path / "colours")

@@ -41,6 +41,8 @@ class BackboneError(RuntimeError):
 @register_model
 def vit_tiny_patch4_32_vpeft(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The embedded default ViT (192 wide, 6 deep, 3 heads, 4 px patches on 32 px images)."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory extras
+        kwargs.pop(key, None)
     model = VisionTransformer(**{**EMBEDDED_ARCH, **kwargs})
     model.pretrained_cfg = {"mean": EMBEDDED_MEAN, "std": EMBEDDED_STD,
                             "input_size": (3, 32, 32), "architecture": EMBEDDED_BACKBONE}

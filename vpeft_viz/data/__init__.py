@@ -8,11 +8,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .formats import DataError, Sample, TaskSplits, read_task, read_vtab
+from .formats import DataError, Sample, TaskSplits, detect_format, read_task, read_vtab
 
 EMBEDDED_PREFIX = "embedded:"
 
-__all__ = ["DataError", "EMBEDDED_PREFIX", "Sample", "TaskSplits", "resolve_data"]
+__all__ = ["DataError", "EMBEDDED_PREFIX", "Sample", "TaskSplits", "check_data_spec",
+           "resolve_data"]
+
+
+def check_data_spec(spec: str) -> None:
+    """Fail fast (before any run exists) on a SPEC that cannot work; cheap: reads no images."""
+    if spec.startswith(EMBEDDED_PREFIX):
+        from .embedded import EMBEDDED_TASKS, UnknownTaskError
+
+        name = spec[len(EMBEDDED_PREFIX):]
+        if name not in EMBEDDED_TASKS:
+            raise UnknownTaskError(f"unknown embedded task {name!r}; available: "
+                                   f"{', '.join(EMBEDDED_TASKS)}")
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"data folder not found: {path} (or use embedded:<task>; "
+                        "`python -m vpeft_viz tasks` lists them)")
+    detect_format(path)
 
 
 def resolve_data(spec: str, *, seed: int = 0, progress=None) -> TaskSplits:
@@ -25,8 +43,5 @@ def resolve_data(spec: str, *, seed: int = 0, progress=None) -> TaskSplits:
         task.name = name
         task.format = "embedded"
         return task
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise DataError(f"data folder not found: {path} (or use embedded:<task>; "
-                        "`python -m vpeft_viz tasks` lists them)")
-    return read_task(path, seed=seed)
+    check_data_spec(spec)
+    return read_task(Path(spec).expanduser(), seed=seed)

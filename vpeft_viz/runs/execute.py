@@ -21,7 +21,7 @@ import torch
 from .. import __version__
 from ..backbones import EMBEDDED_BACKBONE, create_backbone, image_size, input_stats
 from ..config import ConfigError
-from ..data import resolve_data
+from ..data import check_data_spec, resolve_data
 from ..data.dataset import NORMALIZATIONS, ImageDataset, make_loader, resolve_normalization
 from ..methods import attach_method, count_parameters, create_method, trainable_state
 from ..train import (
@@ -56,6 +56,7 @@ def make_run_config(*, method: str, data: str, backbone: str | None = None,
     if normalization not in NORMALIZATIONS:
         raise ConfigError(f"data.normalization must be one of {', '.join(NORMALIZATIONS)}; "
                           f"got {normalization!r}")
+    check_data_spec(data)
     name = data.split(":", 1)[1] if data.startswith("embedded:") else Path(data).name
     return {
         "method": method,

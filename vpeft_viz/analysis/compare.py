@@ -1,0 +1,395 @@
+"""Side-by-side comparison of finished runs: a tidy table, seed statistics, Pareto frontiers.
+
+The pipeline the Compare page (and the guided tour) runs:
+
+1. :func:`load_runs` reads every finished run of some stores into one row per run
+   (config, summary, derived cost columns) — no torch import, only small JSON files;
+2. :func:`aggregate` groups runs that differ only by seed into one row per
+   (task, backbone, method, setting) with mean, sample standard deviation and count;
+3. :func:`pareto_front` marks the rows no other row beats on accuracy *and* cost;
+4. :func:`multi_task_means` averages over tasks and says which mean it is: a *plain* mean of
+   the tasks, or a *group* mean (mean of the natural / specialized / structured group means,
+   VTAB-1k's "G"), which exists only when every task's group is known;
+5. :func:`export_json` / :func:`read_export_json` write and read the whole comparison.
+
+Protocol: every run keeps the epoch with the best *validation* accuracy; its test accuracy
+is measured once, on that checkpoint (:data:`PROTOCOL_NOTE`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..runs.store import RunStore, RunStoreError, read_json
+from .cost import percent_of_backbone, ppt_score
+
+PROTOCOL_NOTE = ("Selected on validation; test reported once: each run keeps the epoch with "
+                 "the best validation accuracy, and its test accuracy is measured once, on "
+                 "that checkpoint. ± is the sample standard deviation over seeds.")
+
+# VTAB-1k task folder → group (Zhai et al. 2019; NOAH / V-PETL Bench folder names, with both
+# spellings of CIFAR-100 in use).
+VTAB_GROUPS: dict[str, str] = {
+    **dict.fromkeys(("cifar", "cifar100", "caltech101", "dtd", "oxford_flowers102",
+                     "oxford_iiit_pet", "svhn", "sun397"), "natural"),
+    **dict.fromkeys(("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
+                    "specialized"),
+    **dict.fromkeys(("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc",
+                     "dsprites_ori", "smallnorb_azi", "smallnorb_ele"), "structured"),
+}
+GROUPS = ("natural", "specialized", "structured")
+
+# Summary fields copied into the run table (see runs/execute.py).
+SUMMARY_FIELDS = ("num_classes", "epochs", "best_epoch", "val_acc", "test_acc", "test_loss",
+                  "trainable_params", "trainable_params_excl_head", "total_params",
+                  "backbone_params", "weight_bytes", "train_time_s", "images_per_s",
+                  "peak_memory_bytes", "flops_per_image", "device")
+# Quantities that vary from seed to seed: mean and spread are reported.
+SEED_METRICS = ("val_acc", "test_acc", "test_loss", "train_time_s", "images_per_s",
+                "peak_memory_bytes")
+# Quantities fixed by the setting (equal across seeds up to data-dependent selections).
+FIXED_METRICS = ("trainable_params", "trainable_params_excl_head", "backbone_params",
+                 "weight_bytes", "flops_per_image", "num_classes", "epochs")
+GROUP_KEYS = ("task", "backbone", "method", "setting_key")
+# Config entries that never make two runs a different experiment.
+_NOT_SETTING = {"train.seed", "train.device", "train.eval_batch_size", "data.spec",
+                "data.name", "versions"}
+# Per-epoch columns of metrics.jsonl shown as curves.
+CURVE_METRICS = ("val_acc", "train_loss", "val_loss", "train_acc")
+
+
+@dataclass
+class RunTable:
+    """Finished runs of some stores, one row each, and the runs that could not be read."""
+
+    runs: pd.DataFrame
+    skipped: list[str] = field(default_factory=list)  # "run_id: reason"
+
+
+# -- loading ------------------------------------------------------------------------------
+def known_task_groups() -> dict[str, str]:
+    """Embedded task → group, from the embedded suite (empty while it is unavailable)."""
+    try:
+        from ..data.embedded import list_tasks
+    except ImportError:
+        return {}
+    return {t["name"]: t["group"] for t in list_tasks()}
+
+
+def task_group(spec: str, name: str, embedded_groups: Mapping[str, str]) -> str | None:
+    """Group of a task: the embedded suite's for ``embedded:`` specs, VTAB-1k's for folders."""
+    if spec.startswith("embedded:"):
+        return embedded_groups.get(name)
+    return VTAB_GROUPS.get(name)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _setting(cfg: Mapping[str, Any], device: str) -> dict[str, Any]:
+    """What defines the experiment apart from task and seed (device type included: cost
+    figures and precision depend on it)."""
+    flat = _flatten({k: v for k, v in cfg.items() if k != "versions"})
+    flat = {k: v for k, v in flat.items() if k not in _NOT_SETTING}
+    flat["device"] = device.split(":")[0]
+    return flat
+
+
+def _short(key: str, keys: Iterable[str]) -> str:
+    last = key.rsplit(".", 1)[-1]
+    clash = sum(k.rsplit(".", 1)[-1] == last for k in keys) > 1
+    return key if clash else last
+
+
+def _setting_labels(settings: Mapping[str, dict[str, Any]],
+                    method_of: Mapping[str, tuple[str, str]]) -> dict[str, str]:
+    """A short label per setting: the entries that differ between settings of the same
+    (backbone, method); empty when a method was run in one setting only."""
+    by_method: dict[tuple[str, str], list[str]] = {}
+    for key in settings:
+        by_method.setdefault(method_of[key], []).append(key)
+    labels = {}
+    for keys in by_method.values():
+        varying = sorted({k for key in keys for k in settings[key]
+                          if len({json.dumps(settings[o].get(k)) for o in keys}) > 1})
+        for key in keys:
+            labels[key] = ", ".join(f"{_short(k, varying)}={settings[key].get(k)}"
+                                    for k in varying)
+    return labels
+
+
+def load_runs(stores: Mapping[str, RunStore],
+              embedded_groups: Mapping[str, str] | None = None) -> RunTable:
+    """Every finished (``done``) run of ``stores`` (source label → store), one row per run.
+
+    Runs with a corrupt file are listed in ``skipped`` instead of breaking the table; queued,
+    running, failed and cancelled runs are left out (they have no test accuracy).
+    """
+    groups = known_task_groups() if embedded_groups is None else embedded_groups
+    rows, skipped, settings, method_of = [], [], {}, {}
+    for source, store in stores.items():
+        for run in store.list():
+            try:
+                if run.status().get("status") != "done":
+                    continue
+                cfg, summary = run.config, run.summary()
+            except RunStoreError as e:
+                skipped.append(f"{run.id}: {e}")
+                continue
+            if not summary or summary.get("test_acc") is None:
+                skipped.append(f"{run.id}: done but no test accuracy in summary.json")
+                continue
+            data = cfg.get("data", {})
+            backbone = cfg.get("backbone", {}).get("name", summary.get("backbone", "?"))
+            setting = _setting(cfg, str(summary.get("device", "cpu")))
+            key = json.dumps(setting, sort_keys=True, default=str)
+            settings[key], method_of[key] = setting, (backbone, cfg.get("method", "?"))
+            task = data.get("name", summary.get("task", "?"))
+            row = {"source": source, "run_id": run.id, "path": str(run.path),
+                   "task": task, "task_group": task_group(data.get("spec", ""), task, groups),
+                   "backbone": backbone, "method": cfg.get("method", summary.get("method")),
+                   "pretrained": cfg.get("backbone", {}).get("pretrained"),
+                   "normalization": data.get("normalization"),
+                   "seed": cfg.get("train", {}).get("seed", summary.get("seed")),
+                   "setting_key": key}
+            row.update({f: summary.get(f) for f in SUMMARY_FIELDS})
+            rows.append(row)
+    df = pd.DataFrame(rows, columns=_RUN_COLUMNS)
+    if len(df):
+        labels = _setting_labels(settings, method_of)
+        df["setting"] = df["setting_key"].map(labels)
+        df = _with_costs(df)
+        df = df.sort_values(["task", "backbone", "method", "setting", "seed"], kind="stable")
+    return RunTable(df.reset_index(drop=True), skipped)
+
+
+_RUN_COLUMNS = ["source", "run_id", "path", "task", "task_group", "backbone", "method",
+                "setting", "pretrained", "normalization", "seed", "setting_key",
+                *SUMMARY_FIELDS, "pct_backbone", "ppt"]
+
+
+def _with_costs(df: pd.DataFrame) -> pd.DataFrame:
+    num = list(set(SUMMARY_FIELDS) - {"device"})
+    df[num] = df[num].apply(pd.to_numeric, errors="coerce")
+    df["pct_backbone"] = [percent_of_backbone(t, b) for t, b in
+                          zip(df["trainable_params_excl_head"], df["backbone_params"])]
+    df["ppt"] = ppt_score(df["test_acc"].to_numpy(float), df["trainable_params"].to_numpy(float))
+    return df
+
+
+def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per-epoch metrics of the given runs (rows of a run table), one row per (run, epoch)."""
+    frames = []
+    for r in runs.itertuples():
+        try:
+            text = (Path(r.path) / "metrics.jsonl").read_text()
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not rows:
+            continue
+        f = pd.DataFrame(rows)
+        for col in ("epoch", *CURVE_METRICS):
+            if col not in f:
+                f[col] = np.nan
+        f = f[["epoch", *CURVE_METRICS]].copy()
+        for col in ("run_id", *GROUP_KEYS, "setting", "seed"):
+            f[col] = getattr(r, col)
+        frames.append(f)
+    if not frames:
+        return pd.DataFrame(columns=["epoch", *CURVE_METRICS, "run_id", *GROUP_KEYS,
+                                     "setting", "seed"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_eval(path: str | Path) -> dict[str, Any] | None:
+    """A run's ``artifacts/eval.json`` (class names, test confusion, per-class accuracy)."""
+    try:
+        return read_json(Path(path) / "artifacts" / "eval.json")
+    except RunStoreError:
+        return None
+
+
+@dataclass
+class SeedEval:
+    """Test evaluation of a group of seeds: per-class accuracy mean/std, summed confusion."""
+
+    class_names: list[str]
+    per_class_acc: np.ndarray  # mean over seeds, one value per class
+    per_class_std: np.ndarray  # sample std over seeds (NaN with one seed)
+    confusion: np.ndarray  # counts summed over seeds (rows: true class)
+    n_runs: int
+
+
+def seed_eval(paths: Iterable[str | Path]) -> SeedEval | None:
+    """Combine the ``eval.json`` of runs that differ only by seed (None when none has one)."""
+    evals = [e for e in (load_eval(p) for p in paths) if e and e.get("test_confusion")]
+    if not evals:
+        return None
+    names = [str(c) for c in evals[0].get("class_names") or
+             range(len(evals[0]["test_confusion"]))]
+    evals = [e for e in evals if len(e["test_confusion"]) == len(names)]
+    per_class = np.array([e["test_per_class_acc"] for e in evals], dtype=float)
+    with warnings.catch_warnings():  # a class absent from the test split is NaN in every run
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(per_class, axis=0)
+        std = (np.nanstd(per_class, axis=0, ddof=1) if len(evals) > 1
+               else np.full(len(names), np.nan))
+    confusion = np.sum([np.asarray(e["test_confusion"], dtype=float) for e in evals], axis=0)
+    return SeedEval(names, mean, std, confusion, len(evals))
+
+
+# -- statistics over seeds ----------------------------------------------------------------
+def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, backbone, method, setting): seed means, spreads and costs.
+
+    ``<metric>`` is the mean over seeds, ``<metric>_std`` the sample standard deviation
+    (NaN with one seed), ``n_seeds`` the count; PPT and the parameter share are computed on
+    the means.
+    """
+    cols = ["task", "task_group", "backbone", "method", "setting", "setting_key", "n_seeds",
+            "seeds", "sources", "run_ids",
+            *[c for m in SEED_METRICS for c in (m, f"{m}_std")], *FIXED_METRICS,
+            "pct_backbone", "ppt"]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for keys, g in runs.groupby(list(GROUP_KEYS), sort=False, dropna=False):
+        row = dict(zip(GROUP_KEYS, keys))
+        row.update(task_group=g["task_group"].iloc[0], setting=g["setting"].iloc[0],
+                   n_seeds=len(g), seeds=sorted(int(s) for s in g["seed"].dropna()),
+                   sources=sorted(set(g["source"])), run_ids=list(g["run_id"]))
+        for m in SEED_METRICS:
+            v = g[m].astype(float)
+            row[m] = v.mean()
+            row[f"{m}_std"] = v.std(ddof=1) if v.count() > 1 else math.nan
+        for m in FIXED_METRICS:
+            row[m] = g[m].astype(float).mean()
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["pct_backbone"] = [percent_of_backbone(t, b) for t, b in
+                           zip(out["trainable_params_excl_head"], out["backbone_params"])]
+    out["ppt"] = ppt_score(out["test_acc"].to_numpy(float),
+                           out["trainable_params"].to_numpy(float))
+    return out[cols].reset_index(drop=True)
+
+
+# -- Pareto frontier ----------------------------------------------------------------------
+def pareto_front(accuracy: Iterable[float], cost: Iterable[float]) -> np.ndarray:
+    """Boolean mask of the points no other point dominates (accuracy ≥ and cost ≤, one of
+    them strictly). Points with a missing value are never on the frontier; exact duplicates
+    of a frontier point are all kept."""
+    acc = np.asarray(list(accuracy), dtype=float)
+    c = np.asarray(list(cost), dtype=float)
+    ok = ~(np.isnan(acc) | np.isnan(c))
+    front = np.zeros(len(acc), dtype=bool)
+    for i in np.flatnonzero(ok):
+        better_or_equal = ok & (acc >= acc[i]) & (c <= c[i])
+        strictly = (acc > acc[i]) | (c < c[i])
+        front[i] = not np.any(better_or_equal & strictly)
+    return front
+
+
+# -- averages over tasks ------------------------------------------------------------------
+def mean_label(kind: str, n_tasks: int, group_counts: Mapping[str, int] | None = None) -> str:
+    """How a multi-task mean was formed, in words for a table header or caption."""
+    if kind == "plain":
+        return f"plain mean over {n_tasks} task{'s' if n_tasks != 1 else ''}"
+    parts = ", ".join(f"{g} {n}" for g, n in (group_counts or {}).items())
+    return f"group mean: mean of {len(group_counts or {})} group means ({parts} tasks)"
+
+
+def multi_task_means(agg: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
+    """Average ``metric`` over the tasks each (backbone, method, setting) was run on.
+
+    ``plain_mean`` is the plain mean of the per-task means; ``group_mean`` is the mean of the
+    group means (natural / specialized / structured) and is NaN unless every task's group is
+    known. ``plain_label`` / ``group_label`` say which is which; ``tasks`` lists the tasks,
+    because two rows averaged over different task sets are not comparable.
+    """
+    cols = ["backbone", "method", "setting", "setting_key", "n_tasks", "tasks", "plain_mean",
+            "plain_label", "group_mean", "group_label"]
+    rows = []
+    if agg.empty:
+        return pd.DataFrame(columns=cols)
+    keys = ["backbone", "method", "setting_key"]
+    for (backbone, method, key), g in agg.groupby(keys, sort=False):
+        g = g.dropna(subset=[metric])
+        if g.empty:
+            continue
+        n = len(g)
+        row = {"backbone": backbone, "method": method, "setting": g["setting"].iloc[0],
+               "setting_key": key, "n_tasks": n, "tasks": ", ".join(sorted(g["task"])),
+               "plain_mean": g[metric].mean(), "plain_label": mean_label("plain", n),
+               "group_mean": math.nan, "group_label": ""}
+        if n > 1 and g["task_group"].notna().all():
+            per_group = g.groupby("task_group")[metric].agg(["mean", "count"])
+            per_group = per_group.reindex([x for x in GROUPS if x in per_group.index]
+                                          + [x for x in per_group.index if x not in GROUPS])
+            row["group_mean"] = per_group["mean"].mean()
+            row["group_label"] = mean_label("group", n, per_group["count"].to_dict())
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
+
+
+# -- export -------------------------------------------------------------------------------
+EXPORT_COLUMNS = ("task", "task_group", "backbone", "method", "setting", "n_seeds", "seeds",
+                  "val_acc", "val_acc_std", "test_acc", "test_acc_std", "test_loss",
+                  "test_loss_std", "trainable_params", "trainable_params_excl_head",
+                  "backbone_params", "pct_backbone", "weight_bytes", "train_time_s",
+                  "train_time_s_std", "images_per_s", "images_per_s_std", "peak_memory_bytes",
+                  "peak_memory_bytes_std", "flops_per_image", "ppt", "run_ids")
+
+
+def export_csv(agg: pd.DataFrame) -> str:
+    """The per-task comparison as CSV (lists joined with ``;``)."""
+    out = agg[list(EXPORT_COLUMNS)].copy()
+    for col in ("seeds", "run_ids"):
+        out[col] = out[col].map(lambda v: ";".join(str(x) for x in v))
+    return out.to_csv(index=False)
+
+
+def export_json(agg: pd.DataFrame, runs: pd.DataFrame, means: pd.DataFrame | None = None) -> str:
+    """The whole comparison as one JSON document: protocol, per-task rows, runs, means."""
+    doc = {
+        "protocol": PROTOCOL_NOTE,
+        "ppt": "PPT = acc × exp(−log10(P/1e7 + 1)), P = trainable parameters (V-PETL Bench)",
+        "per_task": _records(agg[list(EXPORT_COLUMNS)]),
+        "runs": _records(runs.drop(columns=["setting_key", "path"], errors="ignore")),
+        "multi_task_means": _records(means.drop(columns=["setting_key"], errors="ignore"))
+        if means is not None else [],
+    }
+    return json.dumps(doc, indent=1, allow_nan=False)
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    # NaN is not JSON: it becomes null (pandas' own writer does the conversion).
+    return json.loads(df.to_json(orient="records"))
+
+
+def read_export_json(text: str) -> dict[str, Any]:
+    """Read :func:`export_json` output back: tables as DataFrames, notes as strings."""
+    doc = json.loads(text)
+    out: dict[str, Any] = dict(doc)
+    for key in ("per_task", "runs", "multi_task_means"):
+        out[key] = pd.read_json(io.StringIO(json.dumps(doc[key])), orient="records",
+                                dtype=False)
+    return out

@@ -1,0 +1,135 @@
+"""Widgets and cached facts shared by the pages: pages list, hardware, embedded suite, methods.
+
+Everything slow (torch/timm imports, building a backbone to count parameters) sits behind
+``st.cache_resource`` / ``st.cache_data`` so a page pays for it once per server process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from ..analysis.compare import PROTOCOL_NOTE
+from ..runs import REPO_ROOT
+
+PAGES_DIR = REPO_ROOT / "pages"
+# One line per page for the home page; pages not listed here still appear, with no blurb.
+PAGE_BLURBS = {
+    "Train": "start fine-tuning runs live and watch their progress",
+    "Compare": "accuracy against parameters, FLOPs and memory; curves, confusion, export",
+    "Methods": "every method in plain words, its cost, its views, and a guided tour",
+    "SPT": "SPT sensitivity maps: which weights a task needs",
+    "SCT": "SCT salient channels: which channels a task uses",
+}
+# A method's own view page (pages/<file>), linked from the Methods hub when the file exists.
+METHOD_VIEWS = {"spt-lora": "4_SPT.py", "spt-adapter": "4_SPT.py", "sct": "5_SCT.py"}
+
+
+# -- pages --------------------------------------------------------------------------------
+def page_files() -> list[Path]:
+    """Every page script, ``pages/*.py`` in file-name order (new pages appear by themselves)."""
+    return sorted(p for p in PAGES_DIR.glob("*.py") if not p.name.startswith("_"))
+
+
+def page_title(path: Path) -> str:
+    """'2_Compare.py' → 'Compare' (what ``st.Page`` shows for the file too)."""
+    return re.sub(r"^\d+[_ -]*", "", path.stem).replace("_", " ")
+
+
+def page_path(file_name: str) -> str | None:
+    """The path ``st.page_link`` wants for ``pages/<file_name>``, or None if not built yet."""
+    return f"pages/{file_name}" if (PAGES_DIR / file_name).is_file() else None
+
+
+def protocol_note() -> None:
+    st.info(PROTOCOL_NOTE, icon=":material/rule:")
+
+
+# -- numbers ------------------------------------------------------------------------------
+def pct(x: float | None, std: float | None = None, digits: int = 1) -> str:
+    """A fraction as a percentage, with its spread when there is one: '83.2 ± 1.4'."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{100 * x:.{digits}f}"
+    return f"{100 * x:.{digits}f} ± {100 * std:.{digits}f}"
+
+
+# -- machine and embedded defaults --------------------------------------------------------
+@st.cache_resource(show_spinner=False)
+def hardware() -> dict[str, Any]:
+    """The accelerator torch sees (GPU names and memory) and the CPU cores available."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append({"name": props.name, "memory_bytes": props.total_memory})
+    return {"gpus": gpus, "cpu_cores": cores, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+@st.cache_data(show_spinner=False)
+def embedded_info() -> dict[str, Any]:
+    """The embedded backbone (name, architecture, whether its weights are present) and the
+    embedded task suite (empty ``tasks`` with an ``error`` while it is unavailable)."""
+    from ..backbones import EMBEDDED_ARCH, EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS, WEIGHTS_DIR
+
+    info: dict[str, Any] = {
+        "backbone": EMBEDDED_BACKBONE, "arch": dict(EMBEDDED_ARCH),
+        "weights": str(EMBEDDED_WEIGHTS.relative_to(REPO_ROOT)),
+        "weights_present": EMBEDDED_WEIGHTS.is_file(),
+        "model_card": str((WEIGHTS_DIR / "MODEL_CARD.md").relative_to(REPO_ROOT))
+        if (WEIGHTS_DIR / "MODEL_CARD.md").is_file() else None,
+        "tasks": [], "error": None,
+    }
+    try:
+        from ..data.embedded import list_tasks
+
+        info["tasks"] = list_tasks()
+    except Exception as e:  # the suite is optional for the dashboard to open
+        info["error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
+# -- methods ------------------------------------------------------------------------------
+@st.cache_data(show_spinner=False)
+def method_catalogue(num_classes: int = 10) -> list[dict[str, Any]]:
+    """Every registered method with its flags and its parameter count on the embedded
+    backbone (random init: counting needs no weights). Methods that choose their parameters
+    from data (``needs_data``) get no count here: it depends on the task."""
+    from ..backbones import create_backbone
+    from ..methods import attach_method, count_parameters, get_method_class, method_names
+
+    rows = []
+    backbone_params = None
+    for name in method_names():
+        cls = get_method_class(name)
+        row = {"name": name, "title": cls.title or name, "summary": cls.summary,
+               "paper": cls.paper, "mergeable": cls.mergeable,
+               "identity_at_init": cls.identity_at_init, "needs_data": cls.needs_data,
+               "trainable": None, "trainable_excl_head": None, "error": None}
+        if not cls.needs_data:
+            try:
+                model = create_backbone(num_classes=num_classes, pretrained=False)
+                if backbone_params is None:
+                    backbone_params = sum(p.numel() for n, p in model.named_parameters()
+                                          if not n.startswith("head."))
+                method = cls()
+                attach_method(model, method)
+                counts = count_parameters(model, method)
+                row.update(trainable=counts["trainable"],
+                           trainable_excl_head=counts["trainable_excl_head"])
+            except Exception as e:  # one broken method must not hide the others
+                row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+    for row in rows:
+        row["backbone_params"] = backbone_params
+    return rows

@@ -1,0 +1,86 @@
+"""Default live run: embedded backbone, one embedded task, 10 epochs, per method.
+
+Target (DESIGN.md): the run finishes in ≤ 60 s on 2 CPU cores, first metric in ≤ 5 s.
+"First metric" is reported two ways: the first training-loss update (what the dashboard's
+progress bar shows first) and the first per-epoch validation accuracy. Times include data
+loading, backbone creation and the method's preparation, as a dashboard user waits for them.
+
+    python benchmarks/live_run.py [--methods lora ssf ...] [--task digits] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import median, write_result  # noqa: E402
+
+from vpeft_viz.methods import method_names  # noqa: E402
+from vpeft_viz.runs.execute import execute_run, make_run_config  # noqa: E402
+from vpeft_viz.runs.store import RunStore  # noqa: E402
+from vpeft_viz.train import Callback  # noqa: E402
+
+
+class Clock(Callback):
+    def __init__(self, t0: float):
+        self.t0, self.first_step, self.first_epoch = t0, None, None
+
+    def on_step(self, step, total, loss):
+        if self.first_step is None:
+            self.first_step = time.perf_counter() - self.t0
+
+    def on_epoch(self, row):
+        if self.first_epoch is None:
+            self.first_epoch = time.perf_counter() - self.t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--task", default=None, help="embedded task (default: the first)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=1)
+    args = p.parse_args()
+    from vpeft_viz.data.embedded import EMBEDDED_TASKS, ensure_task
+
+    task = args.task or next(iter(EMBEDDED_TASKS))
+    ensure_task(task)  # generation is cached; not part of a live run's wait
+    methods = args.methods or [m for m in method_names() if m != "full"] + ["full"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = RunStore(tmp)
+        for method in methods:
+            walls, steps, epochs, summaries = [], [], [], []
+            for _ in range(args.repeats):
+                cfg = make_run_config(method=method, data=f"embedded:{task}",
+                                      train={"epochs": args.epochs})
+                run = store.create(cfg)
+                t0 = time.perf_counter()
+                clock = Clock(t0)
+                summary = execute_run(run, callbacks=[clock])
+                walls.append(time.perf_counter() - t0)
+                steps.append(clock.first_step)
+                epochs.append(clock.first_epoch)
+                summaries.append(summary)
+            row = {"method": method, "wall_s": median(walls), "wall_s_all": walls,
+                   "first_loss_s": median(steps), "first_val_acc_s": median(epochs),
+                   "train_images_per_s": median([s["images_per_s"] for s in summaries]),
+                   "test_acc": median([s["test_acc"] for s in summaries]),
+                   "trainable_params": summaries[0]["trainable_params"]}
+            rows.append(row)
+            print(f"{method:<12} wall {row['wall_s']:6.1f}s  first loss {row['first_loss_s']:.1f}s"
+                  f"  first val {row['first_val_acc_s']:.1f}s  {row['train_images_per_s']:.0f} img/s"
+                  f"  test {row['test_acc']:.3f}", flush=True)
+    path = write_result("live_run", {"task": task, "epochs": args.epochs,
+                                     "repeats": args.repeats, "rows": rows,
+                                     "target": {"wall_s": 60, "first_metric_s": 5}})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

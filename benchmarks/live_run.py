@@ -73,9 +73,10 @@ def main() -> None:
                    "test_acc": median([s["test_acc"] for s in summaries]),
                    "trainable_params": summaries[0]["trainable_params"]}
             rows.append(row)
-            print(f"{method:<12} wall {row['wall_s']:6.1f}s  first loss {row['first_loss_s']:.1f}s"
-                  f"  first val {row['first_val_acc_s']:.1f}s  {row['train_images_per_s']:.0f} img/s"
-                  f"  test {row['test_acc']:.3f}", flush=True)
+            print(f"{method:<12} wall {row['wall_s']:6.1f}s"
+                  f"  first loss {row['first_loss_s']:.1f}s"
+                  f"  first val {row['first_val_acc_s']:.1f}s"
+                  f"  {row['train_images_per_s']:.0f} img/s  test {row['test_acc']:.3f}", flush=True)
     path = write_result("live_run", {"task": task, "epochs": args.epochs,
                                      "repeats": args.repeats, "rows": rows,
                                      "target": {"wall_s": 60, "first_metric_s": 5}})

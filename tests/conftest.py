@@ -19,6 +19,17 @@ def tiny_vit() -> VisionTransformer:
 
 
 @pytest.fixture
+def make_tiny_vit():
+    """Factory for tiny ViT variants: ``make_tiny_vit(global_pool="avg")`` (seeded, eval)."""
+
+    def make(**overrides) -> VisionTransformer:
+        torch.manual_seed(0)
+        return VisionTransformer(**{**TINY_VIT, **overrides}).eval()
+
+    return make
+
+
+@pytest.fixture
 def tiny_loader() -> DataLoader:
     """16 random 32 px images with labels in [0, 5), batches of 8, fixed order."""
     g = torch.Generator().manual_seed(0)

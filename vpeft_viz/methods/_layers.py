@@ -54,10 +54,12 @@ class BlockWrapper(PeftModule):
         b = self.base_layer
         return b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
         b = self.base_layer
         x = self.before(x)
-        x = x + b.drop_path1(b.ls1(b.attn(b.norm1(x))))
+        attn = b.attn(b.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        x = x + b.drop_path1(b.ls1(attn))
         x = self.after_attn(x)
         return x + self.mlp_branch(x)
 

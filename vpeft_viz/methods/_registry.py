@@ -26,6 +26,10 @@ def register_method(name: str):
     def wrap(cls: type[PeftMethod]) -> type[PeftMethod]:
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
+        for other in _METHODS.values():
+            if other.Config is cls.Config:
+                raise ValueError(f"{name} reuses {other.name}'s config class "
+                                 f"{cls.Config.__name__}; give it its own subclass")
         cls.name = name
         cls.Config.prefix = name
         _METHODS[name] = cls

@@ -89,7 +89,11 @@ class SSF(PeftMethod):
         names = ["patch_embed.norm"]
         for i, _ in enumerate(vit_blocks(model)):
             names += [f"blocks.{i}.{s}" for s in BLOCK_SITES]
-        return names + ["norm"]
+        # Average-pooled ViTs leave `norm` an Identity and normalise after pooling (fc_norm):
+        # follow that LayerNorm instead, so the factors still fold into an affine.
+        pooled_norm = isinstance(model.norm, nn.Identity) and isinstance(
+            getattr(model, "fc_norm", None), nn.LayerNorm)
+        return names + ["fc_norm" if pooled_norm else "norm"]
 
     def attach(self, model: nn.Module) -> None:
         std = self.config.init_std

@@ -52,8 +52,9 @@ class PromptedBlock(BlockWrapper):
         rest = x[:, n:] if self.insert else x[:, n + p:]
         return torch.cat([x[:, :n], prompts.to(x.dtype), rest], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = super().forward(x)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if self.remove:
             n, p = self.num_prefix, self.num_tokens
             x = torch.cat([x[:, :n], x[:, n + p:]], dim=1)

@@ -163,6 +163,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_runs(args: argparse.Namespace) -> int:
+    from .runs.cached import main as regenerate_main
+
+    return regenerate_main(args.cached_args) or 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import config_from_args, run_pretraining
+
+    record = run_pretraining(config_from_args(args), args.out)
+    if args.json:
+        _print_json(record)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vpeft_viz",
                                 description="vpeft-viz: visual PEFT lab (command line)")
@@ -206,6 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", type=Path, default=DEFAULT_STORE)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_runs)
+
+    s = sub.add_parser("cache-runs", help="regenerate the shipped cached_runs/ store",
+                       add_help=False)
+    s.add_argument("cached_args", nargs=argparse.REMAINDER,
+                   help="options of vpeft_viz.runs.cached (--quick, --out DIR; -h for help)")
+    s.set_defaults(func=cmd_cache_runs)
+
+    from .pretrain import add_arguments
+
+    s = sub.add_parser("pretrain", help="pretrain the embedded backbone (offline recipe)")
+    add_arguments(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_pretrain)
     return p
 
 

@@ -1,4 +1,4 @@
-"""Cost scores of a fine-tuned model: the PPT trade-off score and parameter shares.
+"""Cost of a fine-tuned model: the PPT trade-off score, parameter shares, readable sizes.
 
 PPT (performance-parameter trade-off) comes from V-PETL Bench (Xin et al., "V-PETL Bench: A
 Unified Visual Parameter-Efficient Transfer Learning Benchmark", NeurIPS 2024 Datasets and
@@ -33,3 +33,23 @@ def percent_of_backbone(trainable_params: float, backbone_params: float) -> floa
     if not backbone_params or math.isnan(backbone_params):
         return float("nan")
     return 100.0 * trainable_params / backbone_params
+
+
+def human_count(n: float | None) -> str:
+    """1234 → '1.23k', 2_500_000 → '2.50M'."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "–"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}"
+    return f"{n:.0f}"
+
+
+def human_bytes(n: float | None) -> str:
+    """Bytes in binary units: 1536 → '1.5 KiB'."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "–"
+    for div, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {suffix}"
+    return f"{n:.0f} B"

@@ -6,6 +6,7 @@ Every builder takes plain tables/arrays (from :mod:`vpeft_viz.analysis.compare`)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -50,27 +51,29 @@ def pareto_scatter(agg: pd.DataFrame, *, cost: str, cost_label: str, acc: str = 
             x=f[cost], y=100 * f[acc], mode="lines", line=dict(shape="hv", color="#555",
                                                                   dash="dot", width=1.5),
             name="Pareto frontier", hoverinfo="skip"))
-    for i, r in df.iterrows():
-        std = r.get(f"{acc}_std")
-        spread = "" if pd.isna(std) else f" ± {100 * std:.2f}"
-        on = bool(front[i])
+    df["on_front"] = front
+    for method, g in df.groupby("method", sort=False):  # one trace per method: fewer traces
+        std = g.get(f"{acc}_std", pd.Series(np.nan, index=g.index)).astype(float)
+        hover = [
+            f"<b>{group_label(method, r['setting'])}</b><br>"
+            f"{ACC_LABELS.get(acc, acc)}: {100 * r[acc]:.2f}"
+            + ("" if pd.isna(sd) else f" ± {100 * sd:.2f}")
+            + f" ({int(r['n_seeds'])} seed{'s' if r['n_seeds'] != 1 else ''})<br>"
+            f"{cost_label}: {fmt(r[cost])}<br>PPT: {100 * r['ppt']:.2f}<br>"
+            + ("on the Pareto frontier" if r["on_front"] else "dominated")
+            for (_, r), sd in zip(g.iterrows(), std)]
+        on = g["on_front"].to_numpy()
         fig.add_trace(go.Scatter(
-            x=[r[cost]], y=[100 * r[acc]], mode="markers",
-            name=group_label(r["method"], r["setting"]), legendgroup=r["method"],
-            marker=dict(size=14 if on else 10, color=method_colour(r["method"], order),
-                        line=dict(width=2.5 if on else 0.5, color="black" if on else "white")),
-            error_y=dict(type="data", array=[0 if pd.isna(std) else 100 * std],
-                         visible=not pd.isna(std), thickness=1),
-            hovertemplate=(f"<b>{group_label(r['method'], r['setting'])}</b><br>"
-                           f"{ACC_LABELS.get(acc, acc)}: {100 * r[acc]:.2f}{spread}"
-                           f" ({int(r['n_seeds'])} seed{'s' if r['n_seeds'] != 1 else ''})<br>"
-                           f"{cost_label}: {fmt(r[cost])}<br>"
-                           f"PPT: {100 * r['ppt']:.2f}<br>"
-                           f"{'on the Pareto frontier' if on else 'dominated'}<extra></extra>"),
-        ))
+            x=g[cost], y=100 * g[acc], mode="markers", name=method,
+            marker=dict(size=np.where(on, 14, 10), color=method_colour(method, order),
+                        line=dict(width=np.where(on, 2.5, 0.5),
+                                  color=["black" if o else "white" for o in on])),
+            error_y=dict(type="data", array=(100 * std).fillna(0), visible=bool(std.notna().any()),
+                         thickness=1),
+            hovertext=hover, hovertemplate="%{hovertext}<extra></extra>"))
     fig.update_layout(
         title=title, xaxis_title=cost_label + (" (log scale)" if log_x else ""),
-        yaxis_title=ACC_LABELS.get(acc, acc), legend_title="method",
+        yaxis_title=ACC_LABELS.get(acc, acc),
         margin=dict(l=10, r=10, t=40 if title else 10, b=10), height=420)
     if log_x:
         fig.update_xaxes(type="log")
@@ -100,8 +103,10 @@ def training_curves(curves: pd.DataFrame, *, metric: str,
             hovertemplate=(f"<b>{label}</b><br>epoch %{{x}}<br>{CURVE_LABELS.get(metric, metric)}"
                            ": %{y:.3f} ± %{customdata[0]:.3f} (%{customdata[1]} seeds)"
                            "<extra></extra>")))
+    epochs = curves["epoch"].max() if len(curves) else 1
     fig.update_layout(xaxis_title="epoch", yaxis_title=CURVE_LABELS.get(metric, metric),
-                      legend_title="method", margin=dict(l=10, r=10, t=10, b=10), height=380)
+                      margin=dict(l=10, r=10, t=30, b=10), height=380)
+    fig.update_xaxes(dtick=max(1, math.ceil(epochs / 10)))
     return fig
 
 
@@ -116,7 +121,8 @@ def per_class_bars(per_class: Mapping[str, Sequence[float]], class_names: Sequen
             marker_color=method_colour(label.split(" (")[0], order),
             hovertemplate=f"<b>{label}</b><br>%{{x}}: %{{y:.1f}}%<extra></extra>"))
     fig.update_layout(barmode="group", xaxis_title="class", yaxis_title="test accuracy (%)",
-                      legend_title="method", margin=dict(l=10, r=10, t=10, b=10), height=380)
+                      margin=dict(l=10, r=10, t=30, b=10), height=380,
+                      xaxis_type="category")
     return fig
 
 
@@ -135,6 +141,7 @@ def confusion_heatmap(confusion: np.ndarray, class_names: Sequence[str], *,
                        + ("share %{z:.1%} · " if normalize else "")
                        + "%{customdata:.0f} images<extra></extra>")))
     fig.update_layout(title=title, xaxis_title="predicted class", yaxis_title="true class",
+                      xaxis_type="category", yaxis_type="category",
                       yaxis_autorange="reversed", margin=dict(l=10, r=10, t=40 if title else 10,
                                                                b=10), height=460)
     return fig

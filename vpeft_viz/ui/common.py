@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import streamlit as st
 
 from ..analysis.compare import PROTOCOL_NOTE
@@ -133,3 +134,59 @@ def method_catalogue(num_classes: int = 10) -> list[dict[str, Any]]:
     for row in rows:
         row["backbone_params"] = backbone_params
     return rows
+
+
+# -- comparison tables --------------------------------------------------------------------
+def comparison_table(agg: pd.DataFrame) -> None:
+    """The per-task comparison (one row per task × method × setting), sortable, in %."""
+    t = pd.DataFrame({
+        "Task": agg["task"], "Group": agg["task_group"], "Method": agg["method"],
+        "Setting": agg["setting"], "Backbone": agg["backbone"], "Seeds": agg["n_seeds"],
+        "Val acc": 100 * agg["val_acc"], "Val ±": 100 * agg["val_acc_std"],
+        "Test acc": 100 * agg["test_acc"], "Test ±": 100 * agg["test_acc_std"],
+        "Trainable": agg["trainable_params"],
+        "Excl. head": agg["trainable_params_excl_head"],
+        "% of backbone": agg["pct_backbone"], "Bytes per task": agg["weight_bytes"],
+        "Train time": agg["train_time_s"], "Images/s": agg["images_per_s"],
+        "Peak memory": agg["peak_memory_bytes"], "FLOPs/image": agg["flops_per_image"],
+        "PPT": 100 * agg["ppt"],
+    })
+    num = st.column_config.NumberColumn
+    st.dataframe(t, hide_index=True, width="stretch", column_config={
+        "Val acc": num(format="%.2f", help="Best validation accuracy (%), mean over seeds"),
+        "Val ±": num(format="%.2f", help="Sample standard deviation over seeds"),
+        "Test acc": num(format="%.2f", help="Test accuracy (%) at the epoch chosen on "
+                        "validation, mean over seeds"),
+        "Test ±": num(format="%.2f", help="Sample standard deviation over seeds"),
+        "Trainable": num(format="compact", help="Trainable parameters, classifier head "
+                         "included"),
+        "Excl. head": num(format="compact", help="Trainable parameters of the method alone"),
+        "% of backbone": num(format="%.3f%%", help="Trainable parameters without the head, "
+                             "as a share of the backbone's parameters"),
+        "Bytes per task": num(format="bytes", help="Size of the weights file a task must "
+                              "keep (trainable tensors only)"),
+        "Train time": num(format="%.1f s", help="Training wall time, mean over seeds"),
+        "Images/s": num(format="%.0f", help="Training throughput, mean over seeds"),
+        "Peak memory": num(format="bytes", help="Peak GPU memory on CUDA, peak resident "
+                           "memory of the process on CPU"),
+        "FLOPs/image": num(format="compact", help="Inference FLOPs per image"),
+        "PPT": num(format="%.2f", help="V-PETL Bench's performance-parameter trade-off: "
+                   "test acc × exp(−log10(P/10⁷ + 1)), P = trainable parameters"),
+    })
+
+
+def means_table(means: pd.DataFrame, metric_label: str = "Test acc") -> None:
+    """Averages over tasks, each labelled with the kind of mean it is."""
+    t = pd.DataFrame({
+        "Method": means["method"], "Setting": means["setting"], "Backbone": means["backbone"],
+        "Tasks": means["n_tasks"], f"{metric_label}, plain mean": 100 * means["plain_mean"],
+        "plain mean is": means["plain_label"],
+        f"{metric_label}, group mean": 100 * means["group_mean"],
+        "group mean is": means["group_label"].replace("", "not available"),
+        "Task set": means["tasks"],
+    })
+    num = st.column_config.NumberColumn
+    st.dataframe(t, hide_index=True, width="stretch", column_config={
+        f"{metric_label}, plain mean": num(format="%.2f"),
+        f"{metric_label}, group mean": num(format="%.2f"),
+    })

@@ -13,7 +13,14 @@ import pandas as pd
 import streamlit as st
 
 from .. import runs as run_stores
-from ..analysis.compare import RunTable, known_task_groups, load_runs
+from ..analysis.compare import (
+    RunTable,
+    SeedEval,
+    known_task_groups,
+    load_curves,
+    load_runs,
+    seed_eval,
+)
 from ..runs.store import RunStore
 
 SOURCE_LABELS = {"cached": "shipped cached_runs/", "user": "your runs"}
@@ -95,6 +102,19 @@ def run_filters(runs: pd.DataFrame, *, key: str = "runs") -> pd.DataFrame:
             continue
         fmt = (lambda s: SOURCE_LABELS.get(s, s)) if col == "source" else str
         picked = st.sidebar.multiselect(label, options, default=options, format_func=fmt,
-                                        key=f"{key}-{col}")
+                                        key=f"{key}-filter-{col}")
         chosen = chosen[chosen[col].isin(picked)]
     return chosen
+
+
+# Finished runs do not change, so their curves and evaluations are cached by run path.
+@st.cache_data(max_entries=64, show_spinner=False)
+def run_curves(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per-epoch metrics of the given runs (see ``analysis.compare.load_curves``)."""
+    return load_curves(runs)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def group_eval(paths: tuple[str, ...]) -> SeedEval | None:
+    """Per-class accuracy and confusion of runs that differ only by seed."""
+    return seed_eval(paths)

@@ -1,0 +1,112 @@
+"""Compare finished runs: table with seed spreads, Pareto plots, curves, per-class, export."""
+
+import streamlit as st
+
+from vpeft_viz.analysis.compare import (
+    aggregate,
+    export_csv,
+    export_json,
+    multi_task_means,
+    pareto_front,
+)
+from vpeft_viz.plots.compare import (
+    CURVE_LABELS,
+    confusion_heatmap,
+    group_label,
+    pareto_scatter,
+    per_class_bars,
+    training_curves,
+)
+from vpeft_viz.ui.common import comparison_table, means_table, protocol_note
+from vpeft_viz.ui.stores import group_eval, load_run_table, run_curves, run_filters
+
+st.set_page_config(page_title="Compare · vpeft-viz", layout="wide")
+st.title("Compare methods")
+protocol_note()
+
+table = load_run_table()
+if table.skipped:
+    with st.expander(f"{len(table.skipped)} run(s) could not be read and are left out"):
+        st.code("\n".join(table.skipped))
+if table.runs.empty:
+    st.info("No finished runs yet. Start some on the Train page, or regenerate the shipped "
+            "set with `python -m vpeft_viz cache-runs`.")
+    st.stop()
+
+runs = run_filters(table.runs, key="compare")
+if runs.empty:
+    st.warning("No run matches the filters in the sidebar.")
+    st.stop()
+agg = aggregate(runs)
+methods = list(dict.fromkeys(agg["method"]))
+
+st.subheader("Per task")
+st.caption(f"{len(runs)} runs in {len(agg)} groups; a group is one task × backbone × method "
+           "× setting, averaged over its seeds (Seeds = how many).")
+comparison_table(agg)
+
+if agg["task"].nunique() > 1:
+    st.subheader("Averaged over tasks")
+    means = multi_task_means(agg)
+    st.caption("A plain mean weights every task alike; a group mean is the mean of the "
+               "natural / specialized / structured group means (VTAB-1k's “G”), given only "
+               "when every task's group is known. Compare rows only over the same task set.")
+    if means["tasks"].nunique() > 1:
+        st.warning("These rows average over different task sets; they are not comparable.")
+    means_table(means)
+else:
+    means = None
+
+st.subheader("One task in detail")
+c1, c2 = st.columns(2)
+task = c1.selectbox("Task", list(dict.fromkeys(agg["task"])), key="detail-task")
+acc = c2.radio("Accuracy", ["test_acc", "val_acc"], horizontal=True, key="detail-acc",
+               format_func=lambda a: {"test_acc": "test", "val_acc": "validation"}[a])
+on_task = agg[agg["task"] == task].reset_index(drop=True)
+
+tabs = st.tabs(["vs trainable parameters", "vs FLOPs per image", "vs peak memory"])
+for tab, (cost, label, log_x) in zip(tabs, [
+        ("trainable_params", "trainable parameters", True),
+        ("flops_per_image", "inference FLOPs per image", False),
+        ("peak_memory_bytes", "peak memory (bytes)", False)]):
+    with tab:
+        st.plotly_chart(pareto_scatter(on_task, cost=cost, cost_label=label, acc=acc,
+                                       log_x=log_x, methods=methods), key=f"pareto-{cost}")
+        front = on_task[pareto_front(on_task[acc], on_task[cost])].sort_values(cost)
+        st.caption("On the frontier, cheapest first (nothing is both more accurate and "
+                   "cheaper): "
+                   + (", ".join(group_label(m, s) for m, s in zip(front["method"],
+                                                                   front["setting"])) or "–"))
+
+st.markdown("**Training curves** (mean over seeds, band: ±1 std)")
+metric = st.selectbox("Metric", list(CURVE_LABELS), format_func=CURVE_LABELS.get,
+                      key="detail-metric")
+curves = run_curves(runs[runs["task"] == task])
+if curves.empty:
+    st.caption("No per-epoch metrics recorded for these runs.")
+else:
+    st.plotly_chart(training_curves(curves, metric=metric, methods=methods), key="curves")
+
+st.markdown("**Per class** (test set)")
+evals = {group_label(r.method, r.setting): group_eval(tuple(runs.loc[runs["run_id"].isin(
+    r.run_ids), "path"])) for r in on_task.itertuples()}
+evals = {k: v for k, v in evals.items() if v is not None}
+if not evals:
+    st.caption("No per-class evaluation recorded for these runs.")
+else:
+    first = next(iter(evals.values()))
+    same = {k: v for k, v in evals.items() if v.class_names == first.class_names}
+    st.plotly_chart(per_class_bars({k: v.per_class_acc for k, v in same.items()},
+                                   first.class_names, methods=methods), key="per-class")
+    pick = st.selectbox("Confusion matrix of", list(evals), key="detail-confusion")
+    ev = evals[pick]
+    st.plotly_chart(confusion_heatmap(ev.confusion, ev.class_names,
+                                      title=f"{pick}: summed over {ev.n_runs} seed(s), "
+                                            "rows normalised"), key="confusion")
+
+st.subheader("Export")
+e1, e2 = st.columns(2)
+e1.download_button("Per-task table (CSV)", export_csv(agg), file_name="vpeft_compare.csv",
+                   mime="text/csv", key="export-csv")
+e2.download_button("Everything (JSON)", export_json(agg, runs, means),
+                   file_name="vpeft_compare.json", mime="application/json", key="export-json")

@@ -1,0 +1,198 @@
+"""The shipped ``cached_runs/`` store: its recipe, as data, and how to regenerate it.
+
+``python -m vpeft_viz cache-runs`` (or ``make cached-runs``) calls :func:`regenerate`:
+every baseline method on one embedded task per VTAB group, several seeds, the default
+10-epoch recipe, on the embedded backbone with its shipped weights. The runs are written
+into ``.cached_runs.partial/`` beside the store and swapped in at the end, so the dashboard
+never sees a half-built store; an interrupted regeneration resumes from the runs it
+finished. Run ids are deterministic (``<task>-<method>-s<seed>``), so a regenerated store
+diffs cleanly.
+
+To keep the repository small, a run whose weights file exceeds :data:`WEIGHT_LIMIT_BYTES`
+(full fine-tuning) ships without it: its summary still records ``weight_bytes`` and says
+``"weights_shipped": false``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import CACHED_STORE
+from .store import RunStore, atomic_write_bytes, atomic_write_json
+
+# (method, embedded task, seeds, epochs) — the whole shipped set.
+BASELINES = ("linear", "full", "bitfit", "vpt-shallow", "vpt-deep", "lora", "adaptformer", "ssf")
+TASKS = ("digits", "retinopathy", "count")  # natural, specialized, structured
+SEEDS = (0, 1, 2)
+EPOCHS = 10
+RECIPE: tuple[tuple[str, str, tuple[int, ...], int], ...] = tuple(
+    (method, task, SEEDS, EPOCHS) for task in TASKS for method in BASELINES)
+WEIGHT_LIMIT_BYTES = 1_000_000
+COMMAND = "python -m vpeft_viz cache-runs"
+
+Progress = Callable[[int, int, str], None]  # (runs finished, runs planned, message)
+
+
+def planned_runs(recipe: Sequence[tuple[str, str, Sequence[int], int]] = RECIPE, *,
+                 quick: bool = False) -> list[dict[str, Any]]:
+    """One entry per run: method, task, seed, epochs and its deterministic run id.
+    ``quick`` keeps the first seed and one epoch (to check the recipe end to end)."""
+    out = []
+    for method, task, seeds, epochs in recipe:
+        for seed in (seeds[:1] if quick else seeds):
+            out.append({"method": method, "task": task, "seed": int(seed),
+                        "epochs": 1 if quick else int(epochs),
+                        "run_id": f"{task}-{method}-s{seed}"})
+    return out
+
+
+def _run_config(spec: dict[str, Any], pretrained: bool) -> dict[str, Any]:
+    from .execute import make_run_config
+
+    return make_run_config(method=spec["method"], data=f"embedded:{spec['task']}",
+                           pretrained=pretrained,
+                           train={"epochs": spec["epochs"], "seed": spec["seed"]})
+
+
+def _finished(store: RunStore, spec: dict[str, Any], pretrained: bool) -> bool:
+    """A run of an interrupted regeneration that can be kept as it is."""
+    try:
+        run = store.get(spec["run_id"])
+        cfg = run.config
+        return (run.status().get("status") == "done" and run.summary() is not None
+                and cfg["method"] == spec["method"] and cfg["train"]["seed"] == spec["seed"]
+                and cfg["train"]["epochs"] == spec["epochs"]
+                and cfg["data"]["spec"] == f"embedded:{spec['task']}"
+                and cfg["backbone"]["pretrained"] == pretrained)
+    except Exception:
+        return False
+
+
+def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progress | None = None,
+               recipe: Sequence[tuple[str, str, Sequence[int], int]] = RECIPE) -> dict[str, Any]:
+    """Run ``recipe`` into a fresh store at ``out`` (replacing it at the end); returns the
+    manifest written to ``out/manifest.json``.
+
+    Needs the embedded backbone's weights, except with ``quick`` (first seed, one epoch),
+    which falls back to a random-init backbone when they are missing — a quick store checks
+    the recipe and the dashboard, its numbers mean nothing.
+    """
+    from ..backbones import EMBEDDED_WEIGHTS
+    from .execute import execute_run, versions
+
+    pretrained = EMBEDDED_WEIGHTS.is_file()
+    if not pretrained and not quick:
+        raise RuntimeError(f"embedded backbone weights missing at {EMBEDDED_WEIGHTS}; cached "
+                           "runs need them (use --quick to check the recipe without them)")
+    out = Path(out)
+    partial = out.parent / f".{out.name}.partial"
+    store = RunStore(partial)
+    specs = planned_runs(recipe, quick=quick)
+    start = time.time()
+    for i, spec in enumerate(specs):
+        label = f"{spec['method']} on {spec['task']}, seed {spec['seed']}"
+        if _finished(store, spec, pretrained):
+            if progress:
+                progress(i + 1, len(specs), f"kept {label} from an earlier attempt")
+            continue
+        shutil.rmtree(partial / spec["run_id"], ignore_errors=True)
+        if progress:
+            progress(i, len(specs), f"training {label}")
+        run = store.create(_run_config(spec, pretrained), run_id=spec["run_id"])
+        summary = execute_run(run)
+        shipped = summary["weight_bytes"] <= WEIGHT_LIMIT_BYTES
+        if not shipped:
+            run.weights_path.unlink()
+        run.write_summary({**summary, "weights_shipped": shipped})
+        if progress:
+            progress(i + 1, len(specs), f"{label}: test {summary['test_acc']:.3f}")
+
+    manifest = {"command": COMMAND + (" --quick" if quick else ""), "quick": quick,
+                "pretrained": pretrained, "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "generation_time_s": round(time.time() - start, 1),
+                "weight_limit_bytes": WEIGHT_LIMIT_BYTES,
+                "recipe": [{"method": m, "task": t, "seeds": list(s), "epochs": e}
+                           for m, t, s, e in recipe],
+                "runs": [s["run_id"] for s in specs], "versions": versions()}
+    atomic_write_json(partial / "manifest.json", manifest)
+    write_readme(partial)
+    _swap_in(partial, out)
+    return manifest
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace ``out`` by ``new`` with two renames (the old store is removed afterwards)."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+README = f"""# cached_runs/ — the shipped run store
+
+A read-only store of finished runs in the run-directory format (see
+`vpeft_viz/runs/store.py`), shipped so the dashboard has something to compare the moment it
+opens. Regenerate it from the repository root with
+
+    {COMMAND}        # or: make cached-runs
+
+which runs the recipe in `vpeft_viz/runs/cached.py`:
+
+- methods: {", ".join(BASELINES)};
+- tasks: {", ".join(TASKS)} (embedded; one per VTAB group: natural, specialized, structured);
+- seeds {", ".join(map(str, SEEDS))}, {EPOCHS} epochs each, default training recipe;
+- the embedded backbone with its shipped weights.
+
+That is {len(RECIPE) * len(SEEDS)} runs, each up to a minute on two CPU cores.
+Runs go into `.cached_runs.partial/` first and replace this folder at the end; an
+interrupted regeneration resumes. `--quick` (first seed, one epoch) checks the recipe.
+
+- `manifest.json`: the recipe, when and how it was generated, with the versions used.
+- `<task>-<method>-s<seed>/`: one run each (config, status, metrics, summary, eval).
+- Weights files larger than {WEIGHT_LIMIT_BYTES:,} bytes are not shipped (full fine-tuning):
+  such a run's `summary.json` still gives `weight_bytes` and says `"weights_shipped": false`.
+- Model selection: each run keeps the epoch with the best validation accuracy and reports
+  its test accuracy once.
+"""
+
+
+def write_readme(out: Path) -> None:
+    atomic_write_bytes(Path(out) / "README.md", README.encode())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vpeft_viz.runs.cached [--quick] [--out DIR]``: regenerate with a bar."""
+    import argparse
+
+    from tqdm import tqdm
+
+    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="first seed, one epoch (a check)")
+    p.add_argument("--out", type=Path, default=CACHED_STORE, help="store to (re)generate")
+    args = p.parse_args(argv)
+    bar = tqdm(total=len(planned_runs(quick=args.quick)), unit="run", file=sys.stderr)
+
+    def progress(done: int, total: int, message: str) -> None:
+        bar.n = done
+        bar.set_description(message)
+        bar.refresh()
+
+    try:
+        manifest = regenerate(args.out, quick=args.quick, progress=progress)
+    finally:
+        bar.close()
+    print(f"{len(manifest['runs'])} runs in {args.out} "
+          f"({manifest['generation_time_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -83,7 +83,7 @@ def test_best_weights_restored(tiny_vit):
 
 
 def test_cancel_stops_early(tiny_vit, tiny_loader):
-    method = create_method("linear")
+    method = create_method("lora")
     attach_method(tiny_vit, method)
 
     class StopAfterOne(Callback):
@@ -113,3 +113,35 @@ def test_flops_counted_and_mode_restored(tiny_vit):
     # 17 tokens, 2 blocks, width 48: qkv+proj+fc1+fc2 matmuls dominate, ~2·17·(4·48²+8·48²)·2
     assert 2 * 17 * 12 * 48 * 48 * 2 * 0.8 < flops < 2 * 17 * 12 * 48 * 48 * 2 * 1.6
     assert tiny_vit.training
+
+
+def test_linear_probe_on_cached_features_matches_full_forward(tiny_vit, tiny_loader, monkeypatch):
+    """The frozen-feature shortcut trains the same head as running the backbone each step."""
+    import vpeft_viz.train as engine
+
+    one_batch = DataLoader(tiny_loader.dataset, batch_size=16)  # order-free: a single batch
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, device="cpu")
+    heads = []
+    for shortcut in (True, False):
+        model = copy.deepcopy(tiny_vit)
+        method = create_method("linear")
+        attach_method(model, method)
+        assert engine._frozen_features(model)
+        if not shortcut:
+            monkeypatch.setattr(engine, "_frozen_features", lambda m: False)
+        res = fit(model, method, one_batch, one_batch, 5, cfg)
+        heads.append((model.head.weight.detach().clone(), res.history[-1]["val_acc"]))
+    assert torch.allclose(heads[0][0], heads[1][0], atol=1e-5)
+    assert heads[0][1] == heads[1][1]
+
+
+def test_shortcut_not_taken_when_backbone_trains_or_is_stochastic(tiny_vit):
+    import vpeft_viz.train as engine
+
+    with_lora = copy.deepcopy(tiny_vit)
+    attach_method(with_lora, create_method("lora"))
+    assert not engine._frozen_features(with_lora)
+    attach_method(tiny_vit, create_method("linear"))
+    assert engine._frozen_features(tiny_vit)
+    tiny_vit.blocks[0].attn.attn_drop.p = 0.1  # dropout makes features differ per epoch
+    assert not engine._frozen_features(tiny_vit)

@@ -35,7 +35,9 @@ CLAIM_FILE = "claim"
 WORKER_LOG = ".worker.log"
 CPU_WORKERS_ENV = "VPEFT_VIZ_CPU_WORKERS"
 
-_spawned: list[subprocess.Popen] = []  # workers started by this process (reaped on each call)
+# Workers this process started, by lock file: one still starting up (importing torch) has not
+# taken its lock yet, but it holds the slot all the same. Exited ones are reaped on each call.
+_spawned: dict[Path, subprocess.Popen] = {}
 
 
 # -- slots ----------------------------------------------------------------------------------
@@ -131,20 +133,26 @@ def ensure_worker(store: RunStore) -> list[int]:
     A worker already holding a slot is left alone, so calling this on every launch (or every
     poll) is cheap and never starts a second worker on a device.
     """
-    global _spawned
-    _spawned = [p for p in _spawned if p.poll() is None]  # reap exited workers (no zombies)
+    for path, proc in list(_spawned.items()):
+        if proc.poll() is not None:  # reaps it (no zombies)
+            del _spawned[path]
     if store.read_only:
         raise RunStoreError(f"store {store.root} is read-only")
     slots = device_slots()
     waiting: dict[str, int] = {}
     for job in queued_jobs(store):
         kind = run_device_kind(job.config, bool(slots["cuda"]))
+        if not slots.get(kind):  # e.g. device cuda on a machine without a GPU: fail, not hang
+            if try_claim(job.run, "queue"):
+                job.run.set_status("failed", finished=time.time(),
+                                   error=f"no {kind} device here to run on (train.device)")
+            continue
         waiting[kind] = waiting.get(kind, 0) + 1
     started = []
     for kind, count in waiting.items():
-        free = [s for s in slots.get(kind, []) if not slot_is_busy(store, s)]
-        busy = len(slots.get(kind, [])) - len(free)
-        for slot in free[:max(0, count - busy)]:
+        free = [s for s in slots.get(kind, [])
+                if lock_path(store, s) not in _spawned and not slot_is_busy(store, s)]
+        for slot in free[:count]:
             started.append(_spawn(store, slot))
     return started
 
@@ -162,7 +170,7 @@ def _spawn(store: RunStore, slot: str) -> int:
              "--slot", slot],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             cwd=REPO_ROOT, start_new_session=True)
-    _spawned.append(proc)
+    _spawned[lock_path(store, slot)] = proc
     return proc.pid
 
 

@@ -70,7 +70,7 @@ def cpu_threads(slot_kind: str) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
     if slot_kind == "cuda":
-        return max(1, min(4, cores // max(1, queue.cuda_device_count())))
+        return max(1, min(4, cores))
     return max(1, cores // queue.cpu_worker_count())
 
 
@@ -92,7 +92,8 @@ def _child(run_path: str, slot: str, threads: int) -> None:
 
     from .execute import execute_run
 
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
     torch.set_num_threads(threads)
     run = Run(Path(run_path))
     if run.cancel_requested():  # cancelled between the claim and now
@@ -101,7 +102,7 @@ def _child(run_path: str, slot: str, threads: int) -> None:
     run.set_status("running", pid=os.getpid(), worker_pid=os.getppid(), slot=slot)
     try:
         execute_run(run)
-    except BaseException:  # noqa: BLE001 - already recorded in status.json and error.txt
+    except BaseException:  # already recorded in status.json and error.txt by execute_run
         sys.exit(1)
 
 
@@ -111,14 +112,23 @@ def execute_in_child(run: Run, slot: str, threads: int) -> None:
     proc = ctx.Process(target=_child, args=(str(run.path), slot, threads),
                        name=f"run-{run.id}", daemon=False)
     proc.start()
-    proc.join()
-    status = run.status()
-    if status.get("status") in ("queued", "running"):
+    try:
+        proc.join()
+    except BaseException:  # the worker itself is being stopped: stop the run with it
+        proc.terminate()
+        proc.join(10)
+        _fail_if_unfinished(run, proc)
+        raise
+    _fail_if_unfinished(run, proc)
+    log(f"{run.id}: {run.status().get('status')}")
+
+
+def _fail_if_unfinished(run: Run, proc: multiprocessing.process.BaseProcess) -> None:
+    if run.status().get("status") in ("queued", "running"):
         code = proc.exitcode
         why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         run.set_status("failed", error=f"run process died ({why}, pid {proc.pid})",
                        finished=time.time())
-    log(f"{run.id}: {run.status().get('status')}")
 
 
 def serve(store: RunStore, slot: str, *, grace_s: float = GRACE_S) -> int:
@@ -166,6 +176,10 @@ def _has_work(store: RunStore, slot: str) -> bool:
                for j in queue.queued_jobs(store))
 
 
+def _stop(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vpeft_viz.runs.worker",
                                 description="execute queued runs of a run store")
@@ -175,9 +189,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds to wait for new runs before exiting")
     args = p.parse_args(argv)
     slot = queue.normalise_slot(args.slot)
-    serve(RunStore(args.store), slot, grace_s=args.grace)
+    signal.signal(signal.SIGTERM, _stop)
+    # Before torch loads OpenMP: idle threads sleep instead of spinning, so a run sharing the
+    # cores with the dashboard (or anything else) is not slowed ten-fold by its own threads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        serve(RunStore(args.store), slot, grace_s=args.grace)
+    except SystemExit as e:
+        return int(e.code or 0)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    # Skip the interpreter's teardown: with torch loaded it can take seconds, during which the
+    # slot stays locked. Nothing is left to flush but the log.
+    sys.stdout.flush()
+    os._exit(code)

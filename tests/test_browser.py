@@ -1,0 +1,220 @@
+"""End to end in a real browser: the real server, headless Chromium, a live run.
+
+Starts ``streamlit run app.py`` on a free localhost port (run store and embedded-task cache
+in tmp dirs), then drives Debian's ``chromium`` through ``chromedriver`` (Selenium, with the
+driver's path given so Selenium Manager never downloads anything): open the Train page,
+launch a one-epoch linear probe on an embedded task, watch it finish, find it on the Compare
+page. Screenshots of every step are saved in the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vpeft_viz.runs import REPO_ROOT, RunStore, queue
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+if not CHROMIUM or not Path(CHROMEDRIVER).is_file():
+    pytest.skip("needs Debian's chromium and chromium-driver (`make system-deps` installs them "
+                "as root: apt-get install chromium chromium-driver)", allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (requirements-dev)")
+
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver import ActionChains  # noqa: E402
+from selenium.webdriver.chrome.options import Options  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+SERVER_START_S = 90
+RUN_S = 180  # the run, from launch to done, on a busy 2-core machine
+TASK = "digits"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """The real app on 127.0.0.1:<free port>; yields (base url, user run store)."""
+    store = RunStore(tmp_path / "runs")
+    env = {**os.environ, "VPEFT_VIZ_RUNS": str(store.root),
+           "VPEFT_VIZ_CACHE": str(tmp_path / "cache")}
+    port = _free_port()
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true",
+         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"server did not start:\n{(tmp_path / 'server.log').read_text()}")
+            time.sleep(0.3)
+        yield url, store
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        for slot in queue.device_slots()["cpu"]:  # workers run in their own session
+            pid = queue.worker_pid(store, slot)
+            if pid:
+                os.kill(pid, signal.SIGTERM)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--window-size=1400,1800",
+                f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+class Page:
+    """Small helpers over a Streamlit page (widgets are found by their labels)."""
+
+    def __init__(self, driver, shots: Path):
+        self.d, self.shots, self.n = driver, shots, 0
+
+    def shot(self, name: str) -> Path:
+        self.n += 1
+        path = self.shots / f"{self.n:02d}_{name}.png"
+        self.d.save_screenshot(str(path))
+        return path
+
+    def wait(self, condition, timeout: float, what: str):
+        try:
+            return WebDriverWait(self.d, timeout, poll_frequency=0.5,
+                                 ignored_exceptions=(StaleElementReferenceException,)
+                                 ).until(lambda d: condition())
+        except Exception as e:
+            self.shot("timeout")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}") from e
+
+    def text(self) -> str:
+        return self.d.find_element(By.TAG_NAME, "body").text
+
+    def wait_text(self, needle: str, timeout: float = 30) -> None:
+        self.wait(lambda: needle in self.text(), timeout, repr(needle))
+
+    def no_exception(self) -> None:
+        errors = self.d.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+        assert not errors, errors[0].text
+
+    def idle(self, timeout: float = 30) -> None:
+        """Wait until the script is not running (no 'Running...' status widget)."""
+        self.wait(lambda: not self.d.find_elements(
+            By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'), timeout, "the script to finish")
+
+    def button(self, label_start: str):
+        for b in self.d.find_elements(By.CSS_SELECTOR, '[data-testid="stButton"] button'):
+            if b.text.strip().startswith(label_start):
+                return b
+        return None
+
+    def set_input(self, label: str, value: str) -> None:
+        box = self.d.find_element(By.CSS_SELECTOR, f'input[aria-label="{label}"]')
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(value, Keys.TAB)
+        self.idle()
+
+    def multiselect_only(self, label: str, option: str) -> None:
+        """Leave exactly ``option`` chosen in the multiselect labelled ``label``."""
+        remove = (f'//input[starts-with(@aria-label, "{label}")]'
+                  '/ancestor::div[@data-testid="stMultiSelect"]'
+                  '//button[starts-with(@aria-label, "Remove ")]')
+        while removes := self.d.find_elements(By.XPATH, remove):
+            removes[0].click()
+            self.idle()
+        box = self.d.find_element(By.CSS_SELECTOR, f'input[aria-label^="{label}"]')
+        box.click()
+        box.send_keys(option)
+        choice = f'//*[@role="option"][normalize-space(.)="{option}"]'
+        self.wait(lambda: self.d.find_elements(By.XPATH, choice), 10, f"option {option!r}")
+        self.d.find_element(By.XPATH, choice).click()
+        box.send_keys(Keys.ESCAPE)
+        self.idle()
+
+
+def test_train_a_run_and_compare_it(server, browser, tmp_path):
+    url, store = server
+    page = Page(browser, tmp_path)
+    browser.get(f"{url}/Train")
+    page.wait(lambda: page.button("Launch"), 60, "the Launch button")
+    page.idle()
+    page.no_exception()
+    assert f"{TASK} (" in page.text()  # the embedded task picker, first task chosen
+    page.shot("train_page")
+
+    page.multiselect_only("PEFT methods", "Linear probe")
+    page.set_input("Epochs", "1")
+    page.wait(lambda: page.button("Launch 1 run"), 10, "'Launch 1 run'")
+    page.no_exception()
+    page.shot("configured")
+
+    page.button("Launch 1 run").click()
+    page.wait_text("Queued 1 run.", 30)
+    deadline = time.monotonic() + RUN_S
+    (run,) = store.list()
+    config = run.config
+    assert config["method"] == "linear" and config["train"]["epochs"] == 1
+    assert config["data"]["spec"] == f"embedded:{TASK}"
+    ActionChains(browser).move_to_element(browser.find_element(By.TAG_NAME, "h1")).perform()
+    page.wait(lambda: "ETA" in page.text() or run.status()["status"] not in ("queued",
+              "running"), deadline - time.monotonic(), "the live progress bar with its ETA")
+    page.shot("running")
+
+    browser.refresh()  # a reload loses nothing: the run is still there, still updating
+    page.wait_text(f"linear · {TASK} · seed 0", 60)
+    page.wait(lambda: " done · " in page.text() or run.status()["status"] in ("failed",
+              "cancelled"), deadline - time.monotonic(), "the run to finish")
+    status = run.status()
+    assert status["status"] == "done", status.get("error")
+    page.wait_text(f"linear · {TASK} · seed 0 done", 10)
+    page.no_exception()
+    page.shot("done")
+
+    browser.get(f"{url}/Compare")
+    page.wait_text("Compare methods", 60)
+    page.idle()
+    page.wait_text("runs in", 30)  # "<n> runs in <m> groups", once the table has loaded
+    page.no_exception()
+    assert "No finished runs yet" not in page.text()
+    assert "linear" in page.text() and TASK in page.text()
+    page.shot("compare")

@@ -1,0 +1,172 @@
+"""The Train page under ``streamlit.testing.v1.AppTest`` (no browser, no worker process).
+
+Spawning workers is tested for real in test_queue.py; here ``ensure_worker`` is replaced by a
+recorder so a launch only puts runs on the queue in a tmp store.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import write_vtab_task
+from streamlit.testing.v1 import AppTest
+
+from vpeft_viz.backbones import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
+from vpeft_viz.data.embedded import list_tasks
+from vpeft_viz.runs import REPO_ROOT, RunStore, queue
+from vpeft_viz.runs.execute import make_run_config
+
+PAGE = str(REPO_ROOT / "pages" / "1_Train.py")
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> RunStore:
+    root = tmp_path / "runs"
+    monkeypatch.setenv("VPEFT_VIZ_RUNS", str(root))
+    monkeypatch.setenv("VPEFT_VIZ_CACHE", str(tmp_path / "cache"))
+    return RunStore(root)
+
+
+@pytest.fixture
+def spawned(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    monkeypatch.setattr(queue, "ensure_worker", lambda store: calls.append(str(store.root)) or [])
+    return calls
+
+
+@pytest.fixture
+def task(tmp_path):
+    return write_vtab_task(tmp_path / "colours", sizes=(6, 3, 3))
+
+
+def _page() -> AppTest:
+    return AppTest.from_file(PAGE, default_timeout=60).run()
+
+
+def _with_folder(at: AppTest, path) -> AppTest:
+    at.radio(key="data.kind").set_value("folder").run()
+    at.text_input(key="data.path").set_value(str(path)).run()
+    return at
+
+
+def _errors(at: AppTest) -> str:
+    return "\n".join(e.value for e in at.error)
+
+
+def test_page_renders_key_widgets(store, spawned):
+    at = _page()
+    assert not at.exception
+    assert at.title[0].value == "Train"
+    assert at.radio(key="backbone.kind").value == "embedded"
+    assert at.radio(key="data.kind").value == "embedded"
+    assert at.multiselect(key="methods").value == ["lora"]
+    assert at.multiselect(key="methods").options[:2]  # the registry is offered
+    assert at.number_input(key="method.lora.rank").value == 8
+    assert at.selectbox(key="method.lora.targets").value == "qv"
+    assert at.number_input(key="train.epochs").value == 10
+    assert at.text_input(key="train.seeds").value == "0"
+    assert at.selectbox(key="data.normalization").value == "backbone"
+    assert at.button(key="launch")
+    assert "No runs queued or running." in [c.value for c in at.caption]
+    assert spawned == []
+
+
+def test_backbone_choices_validate(store, spawned, tmp_path):
+    at = _page()
+    at.radio(key="backbone.kind").set_value("timm").run()
+    at.text_input(key="backbone.name").set_value("vit_nonexistent_model").run()
+    assert "unknown timm model 'vit_nonexistent_model'" in _errors(at)
+    at.radio(key="backbone.kind").set_value("checkpoint").run()
+    at.text_input(key="backbone.path").set_value(str(tmp_path / "missing.safetensors")).run()
+    assert "checkpoint: no file at" in _errors(at)
+    assert not at.exception
+
+
+def test_folder_format_feedback(store, spawned, task, tmp_path):
+    at = _with_folder(_page(), task)
+    assert not at.exception
+    assert any("VTAB-1k task folder" in s.value and "3 classes" in s.value for s in at.success)
+    (tmp_path / "empty").mkdir()
+    at.text_input(key="data.path").set_value(str(tmp_path / "empty")).run()
+    assert "matches no known task format" in _errors(at)
+    assert at.button(key="launch").disabled
+
+
+def test_invalid_values_show_errors_naming_the_field(store, spawned, task):
+    at = _with_folder(_page(), task)
+    at.text_input(key="train.lr").set_value("fast").run()
+    assert "train.lr expects a float, got 'fast'" in _errors(at)
+    assert at.button(key="launch").disabled
+    at.text_input(key="train.lr").set_value("").run()
+    at.number_input(key="train.epochs").set_value(1).run()
+    at.number_input(key="train.warmup_epochs").set_value(3.0).run()
+    assert "train.warmup_epochs (3.0) must not exceed train.epochs (1)" in _errors(at)
+    at.number_input(key="train.warmup_epochs").set_value(0.0).run()
+    at.text_input(key="train.seeds").set_value("0,x").run()
+    assert "seeds: 'x' is not a seed" in _errors(at)
+    assert at.button(key="launch").disabled
+    at.text_input(key="train.seeds").set_value("0").run()
+    assert not at.error and not at.button(key="launch").disabled
+    assert not at.exception
+
+
+def test_launch_queues_one_run_per_method_and_seed(store, spawned, task):
+    at = _with_folder(_page(), task)
+    at.multiselect(key="methods").set_value(["linear", "lora"]).run()
+    at.number_input(key="method.lora.rank").set_value(4).run()
+    at.number_input(key="train.epochs").set_value(1).run()
+    at.text_input(key="train.seeds").set_value("0-1").run()
+    assert at.button(key="launch").label == "Launch 4 runs"
+    at.button(key="launch").click().run()
+    assert not at.exception
+    assert spawned and set(spawned) == {str(store.root)}  # the launch (and the panel) ask
+    assert [s.value for s in at.success][-1] == "Queued 4 runs."
+    jobs = queue.queue_state(store).queued
+    assert len(jobs) == 4
+    got = sorted((j.config["method"], j.config["train"]["seed"]) for j in jobs)
+    assert got == [("linear", 0), ("linear", 1), ("lora", 0), ("lora", 1)]
+    lora = next(j.config for j in jobs if j.config["method"] == "lora")
+    assert lora["method_config"]["rank"] == 4 and lora["train"]["epochs"] == 1
+    assert lora["data"]["spec"] == str(task.resolve())
+    # the queue is on the page, each run with its Cancel button
+    assert any("Queue" in m.value and "4 waiting" in m.value for m in at.markdown)
+    at.button(key=f"cancel-{jobs[0].id}").click().run()
+    assert jobs[0].run.status()["status"] == "cancelled"
+    assert len(queue.queue_state(store).queued) == 3
+
+
+def test_default_launch_uses_the_embedded_backbone_and_first_task(store, spawned):
+    at = _page()
+    at.number_input(key="train.epochs").set_value(1).run()
+    at.button(key="launch").click().run()
+    assert not at.exception
+    (job,) = queue.queue_state(store).queued
+    cfg = job.config
+    assert cfg["method"] == "lora" and cfg["data"]["spec"] == f"embedded:{list_tasks()[0]['name']}"
+    # without shipped weights the embedded backbone can only start from random init
+    assert cfg["backbone"] == {"name": EMBEDDED_BACKBONE, "pretrained": EMBEDDED_WEIGHTS.is_file(),
+                               "checkpoint": None}
+
+
+def test_running_and_failed_runs_are_shown(store, spawned, task):
+    cfg = make_run_config(method="linear", data=str(task), pretrained=False,
+                          train={"epochs": 2, "warmup_epochs": 0.0})
+    running = store.create(cfg)
+    running.set_status("running", pid=os.getpid())
+    running.update_progress(phase="train", step=3, steps=10, epochs=2, loss=0.75, eta_s=42.0)
+    running.append_metrics({"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 0.9,
+                            "val_acc": 0.6})
+    failed = store.create(cfg)
+    failed.set_status("failed", error="DataError: cannot read image /x.png: truncated",
+                      finished=1.0)
+    at = _page()
+    assert not at.exception
+    bars = at.get("progress")
+    assert len(bars) == 1 and bars[0].value == 30
+    assert "epoch 1/2 · step 3/10 · loss 0.750 · ETA 42 s" in bars[0].proto.text
+    assert len(at.get("plotly_chart")) == 1
+    assert "DataError: cannot read image /x.png: truncated" in _errors(at)
+    at.button(key=f"cancel-{running.id}").click().run()
+    assert running.cancel_requested()
+    assert at.button(key=f"cancel-{running.id}").disabled

@@ -1,0 +1,156 @@
+"""The live queue panel: what is queued, running and recently finished, polled from disk.
+
+Nothing here holds state: every refresh reads the run store (``status.json`` progress,
+``metrics.jsonl`` curves), so a reload, a second tab or a crashed run loses nothing. The
+panel is a fragment that refreshes itself every second while runs are queued or running,
+and slowly otherwise (to notice runs launched from another tab or the command line).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from ..runs import queue
+from ..runs.store import RunStore, RunStoreError
+
+ACTIVE_EVERY_S = 1.0
+IDLE_EVERY_S = 10.0
+STATE_ICONS = {"queued": ":material/schedule:", "running": ":material/play_circle:",
+               "done": ":material/check_circle:", "failed": ":material/error:",
+               "cancelled": ":material/cancel:"}
+PHASES = {"data": "loading data", "prepare": "preparing the method (selection from data)",
+          "test": "testing the selected weights"}
+
+
+def live_panel(store: RunStore) -> None:
+    """Queue, live progress and recent runs of ``store``; refreshes itself while busy."""
+    active = queue.queue_state(store).active
+    every = ACTIVE_EVERY_S if active else IDLE_EVERY_S
+    st.fragment(_panel, run_every=every)(store, active)
+
+
+def _panel(store: RunStore, was_active: bool) -> None:
+    state = queue.queue_state(store)
+    if state.queued and queue.ensure_worker(store):  # e.g. runs left queued by a restart
+        state = queue.queue_state(store)
+    if state.active != was_active:
+        st.rerun()  # switch the refresh rate (a full rerun re-creates this fragment)
+
+    busy = {slot: pid for slot, pid in state.workers.items() if pid}
+    if busy:
+        st.caption("Worker: " + ", ".join(f"{s} (pid {p})" for s, p in busy.items()))
+    elif not state.active:
+        st.caption("No runs queued or running.")
+
+    for job in state.running:
+        running_card(job)
+    if state.queued:
+        st.markdown(f"**Queue** ({len(state.queued)} waiting, next first)")
+        for i, job in enumerate(state.queued, 1):
+            left, right = st.columns([6, 1], vertical_alignment="center")
+            left.markdown(f"{i}. {STATE_ICONS['queued']} {job.label} `{job.id}`")
+            right.button("Cancel", key=f"cancel-{job.id}", on_click=queue.cancel,
+                         args=(job.run,), help="Remove from the queue")
+    if state.recent:
+        st.markdown("**Recent runs**")
+        for job in state.recent:
+            finished_row(job)
+
+
+def running_card(job: queue.Job) -> None:
+    with st.container(border=True):
+        left, right = st.columns([6, 1], vertical_alignment="center")
+        left.markdown(f"{STATE_ICONS['running']} **{job.label}** running · `{job.id}`")
+        cancelling = job.run.cancel_requested()
+        right.button("Cancel", key=f"cancel-{job.id}", on_click=queue.cancel,
+                     args=(job.run,), disabled=cancelling,
+                     help="Stop after the current step; finished epochs are kept")
+        frac, text = progress_text(job.progress, cancelling)
+        st.progress(frac, text=text)
+        metrics = _read(job.run.metrics, [])
+        if metrics:
+            st.plotly_chart(curves_figure(metrics), key=f"curves-{job.id}", width="stretch")
+
+
+def finished_row(job: queue.Job) -> None:
+    summary = _read(job.run.summary, None) or {}
+    icon = STATE_ICONS.get(job.state, "")
+    line = f"{icon} **{job.label}** {job.state} · `{job.id}`"
+    if job.state == "done":
+        line += (f" · val {_pct(summary.get('val_acc'))} · test {_pct(summary.get('test_acc'))}"
+                 f" · {summary.get('train_time_s') or 0:.1f} s")
+        st.markdown(line)
+    elif job.state == "cancelled":
+        epochs = summary.get("epochs_done", len(_read(job.run.metrics, [])))
+        st.markdown(f"{line} after {epochs} epoch{'s' if epochs != 1 else ''}")
+    else:
+        st.markdown(line)
+        st.error(job.error or "failed without an error message", icon=":material/error:")
+        trace = job.run.path / "error.txt"
+        if trace.is_file():
+            with st.expander("Traceback"):
+                st.code(trace.read_text(errors="replace")[-8000:], language="text")
+
+
+def _read(reader, default):
+    """A run file's content, or ``default`` while it is corrupt (the Compare page says so)."""
+    try:
+        return reader()
+    except RunStoreError:
+        return default
+
+
+def progress_text(progress: dict[str, Any], cancelling: bool = False) -> tuple[float, str]:
+    """(fraction done, one line: phase or epoch/step, loss, ETA) from ``status.json``."""
+    step, steps = int(progress.get("step") or 0), int(progress.get("steps") or 0)
+    frac = min(1.0, step / steps) if steps else 0.0
+    phase = progress.get("phase", "")
+    if cancelling:
+        text = "cancelling after the current step…"
+    elif phase in PHASES or not steps:
+        text = PHASES.get(phase, "starting…")
+    else:
+        epochs = int(progress.get("epochs") or 1)
+        per_epoch = max(1, steps // max(1, epochs))
+        epoch = min(epochs, step // per_epoch + 1)
+        text = f"epoch {epoch}/{epochs} · step {step}/{steps}"
+        if progress.get("loss") is not None:
+            text += f" · loss {progress['loss']:.3f}"
+        if progress.get("eta_s") is not None:
+            text += f" · ETA {format_seconds(progress['eta_s'])}"
+    return frac, text
+
+
+def format_seconds(s: float) -> str:
+    s = max(0, int(round(s)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def curves_figure(metrics: list[dict[str, Any]]) -> go.Figure:
+    """Loss and accuracy per epoch, train and validation, side by side."""
+    epochs = [m["epoch"] for m in metrics]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"))
+    for split, colour in (("train", "#1f77b4"), ("val", "#ff7f0e")):
+        for col, metric in ((1, "loss"), (2, "acc")):
+            fig.add_trace(go.Scatter(
+                x=epochs, y=[m.get(f"{split}_{metric}") for m in metrics], mode="lines+markers",
+                name=split, legendgroup=split, showlegend=col == 1, line={"color": colour}),
+                row=1, col=col)
+    fig.update_xaxes(title_text="epoch", dtick=1 if len(epochs) <= 12 else None)
+    fig.update_yaxes(tickformat=".0%", row=1, col=2)
+    fig.update_layout(height=260, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                      legend={"orientation": "h", "y": -0.3})
+    return fig

@@ -11,10 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
+from ..plots.runs import curves_figure
 from ..runs import queue
 from ..runs.store import RunStore, RunStoreError
 
@@ -137,20 +136,3 @@ def format_seconds(s: float) -> str:
 
 def _pct(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
-
-
-def curves_figure(metrics: list[dict[str, Any]]) -> go.Figure:
-    """Loss and accuracy per epoch, train and validation, side by side."""
-    epochs = [m["epoch"] for m in metrics]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"))
-    for split, colour in (("train", "#1f77b4"), ("val", "#ff7f0e")):
-        for col, metric in ((1, "loss"), (2, "acc")):
-            fig.add_trace(go.Scatter(
-                x=epochs, y=[m.get(f"{split}_{metric}") for m in metrics], mode="lines+markers",
-                name=split, legendgroup=split, showlegend=col == 1, line={"color": colour}),
-                row=1, col=col)
-    fig.update_xaxes(title_text="epoch", dtick=1 if len(epochs) <= 12 else None)
-    fig.update_yaxes(tickformat=".0%", row=1, col=2)
-    fig.update_layout(height=260, margin={"l": 10, "r": 10, "t": 30, "b": 10},
-                      legend={"orientation": "h", "y": -0.3})
-    return fig

@@ -1,0 +1,25 @@
+"""Figures of a single run while it trains."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+
+def curves_figure(metrics: list[dict[str, Any]]) -> go.Figure:
+    """Loss and accuracy per epoch, train and validation, side by side."""
+    epochs = [m["epoch"] for m in metrics]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"))
+    for split, colour in (("train", "#1f77b4"), ("val", "#ff7f0e")):
+        for col, metric in ((1, "loss"), (2, "acc")):
+            fig.add_trace(go.Scatter(
+                x=epochs, y=[m.get(f"{split}_{metric}") for m in metrics], mode="lines+markers",
+                name=split, legendgroup=split, showlegend=col == 1, line={"color": colour}),
+                row=1, col=col)
+    fig.update_xaxes(title_text="epoch", dtick=1 if len(epochs) <= 12 else None)
+    fig.update_yaxes(tickformat=".0%", row=1, col=2)
+    fig.update_layout(height=260, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                      legend={"orientation": "h", "y": -0.3})
+    return fig

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps run test lint bench cached-runs
+.PHONY: setup system-deps run test lint bench cached-runs pretrain
 
 setup: $(STAMP)
 
@@ -37,3 +37,11 @@ bench: setup
 
 cached-runs: setup
 	$(BIN)/python -m vpeft_viz cache-runs
+
+# Regenerate the embedded backbone's weights (CPU: about 30 minutes on 2 cores).
+pretrain: setup
+	$(BIN)/python -m pip install -q -r requirements-pretrain.txt
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi
+	$(BIN)/python -m vpeft_viz pretrain --source distill --steps 1000 --seed 0 \
+		--set batch_size=64 --set threads=2

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from vpeft_viz.backbones import (
+    EMBEDDED_ARCH,
     EMBEDDED_BACKBONE,
     EMBEDDED_WEIGHTS,
     BackboneError,
@@ -70,8 +71,9 @@ def test_hub_download_failure_is_clear(monkeypatch):
 
 def test_embedded_default_architecture():
     model = create_backbone(pretrained=False, num_classes=10)
-    assert model.patch_embed.img_size == (32, 32) and model.embed_dim == 192
-    assert len(model.blocks) == 6 and model.patch_embed.num_patches == 64
+    assert model.patch_embed.img_size == (32, 32)
+    assert model.embed_dim == EMBEDDED_ARCH["embed_dim"] and len(model.blocks) == 6
+    assert model.patch_embed.num_patches == 64
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 

@@ -27,7 +27,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 EMBEDDED_WEIGHTS = WEIGHTS_DIR / f"{EMBEDDED_BACKBONE}.safetensors"
 
 # Architecture of the embedded default, sized for live CPU runs (64 patch tokens + CLS).
-EMBEDDED_ARCH = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3,
+EMBEDDED_ARCH = dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4,
                      mlp_ratio=4.0, global_pool="token")
 # Pixel statistics the embedded backbone was pretrained with (plain [0, 1] pixels, centred).
 EMBEDDED_MEAN = (0.5, 0.5, 0.5)
@@ -40,7 +40,7 @@ class BackboneError(RuntimeError):
 
 @register_model
 def vit_tiny_patch4_32_vpeft(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """The embedded default ViT (192 wide, 6 deep, 3 heads, 4 px patches on 32 px images)."""
+    """The embedded default ViT (128 wide, 6 deep, 4 heads, 4 px patches on 32 px images)."""
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory extras
         kwargs.pop(key, None)
     model = VisionTransformer(**{**EMBEDDED_ARCH, **kwargs})

@@ -170,3 +170,13 @@ def test_running_and_failed_runs_are_shown(store, spawned, task):
     at.button(key=f"cancel-{running.id}").click().run()
     assert running.cancel_requested()
     assert at.button(key=f"cancel-{running.id}").disabled
+
+
+def test_progress_text_covers_prepare_and_training():
+    from vpeft_viz.ui.live import progress_text
+
+    frac, text = progress_text({"phase": "prepare", "prepare_done": 4, "prepare_total": 16})
+    assert frac == 0.25 and "4/16" in text
+    frac, text = progress_text({"phase": "train", "step": 30, "steps": 120, "epochs": 10,
+                                "loss": 0.5, "eta_s": 65})
+    assert frac == 0.25 and "epoch 3/10" in text and "loss 0.500" in text and "ETA" in text

@@ -85,7 +85,10 @@ class PeftMethod:
 
     # -- life cycle ---------------------------------------------------------------------
     def prepare(self, model: nn.Module, loader, *, device: torch.device, progress=None) -> None:
-        """Compute data-dependent choices (sensitivities, salient channels) before attach."""
+        """Compute data-dependent choices (sensitivities, salient channels) before attach.
+
+        ``progress(done, total)`` is called as batches are processed, when given.
+        """
 
     def attach(self, model: nn.Module) -> None:
         """Insert the method's modules into ``model`` in place."""

@@ -156,7 +156,9 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
 
     if method.needs_data:
         run.update_progress(phase="prepare")
-        method.prepare(model, loaders["train"], device=device)
+        method.prepare(model, loaders["train"], device=device,
+                       progress=lambda done, total: run.update_progress(
+                           phase="prepare", prepare_done=done, prepare_total=total))
         run.write_method_state(method.state())
     attach_method(model, method)
     counts = count_parameters(model, method)

@@ -111,6 +111,10 @@ def progress_text(progress: dict[str, Any], cancelling: bool = False) -> tuple[f
     phase = progress.get("phase", "")
     if cancelling:
         text = "cancelling after the current step…"
+    elif phase == "prepare" and progress.get("prepare_total"):
+        done, total = int(progress.get("prepare_done") or 0), int(progress["prepare_total"])
+        frac = min(1.0, done / total)
+        text = f"{PHASES['prepare']}: {done}/{total}"
     elif phase in PHASES or not steps:
         text = PHASES.get(phase, "starting…")
     else:

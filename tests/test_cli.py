@@ -86,3 +86,11 @@ def test_failed_run_is_recorded(tmp_path, capsys):
     for run_dir in store.glob("*") if store.exists() else []:
         status = json.loads((run_dir / "status.json").read_text())
         assert status["status"] == "failed" and status["error"]
+
+
+def test_params_data_dependent_methods(capsys):
+    assert main(["params", "--backbone", "vit_base_patch16_224", "--method", "sct",
+                 "--json"]) == 0
+    assert _last_json(capsys.readouterr().out)["trainable_excl_head"] == 111_744
+    assert main(["params", "--method", "spt-lora", "--json"]) == 1
+    assert "from data" in capsys.readouterr().err

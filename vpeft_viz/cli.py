@@ -62,10 +62,13 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     cls = get_method_class(args.method)
     method = cls(cls.Config.from_strings(parse_overrides(args.set)))
-    if method.needs_data:
-        raise SystemExit(f"error: {args.method} chooses its parameters from data; "
-                         "its count is reported by `train`")
     model = create_backbone(args.backbone, num_classes=args.num_classes, pretrained=False)
+    if method.needs_data:
+        state = method.counting_state(model)
+        if state is None:
+            raise ValueError(f"{args.method} chooses how many weights it trains from data; "
+                             "its count is reported by `train`")
+        method.load_state(state)
     attach_method(model, method)
     counts = count_parameters(model, method)
     if args.json:

@@ -123,6 +123,11 @@ class PeftMethod:
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore what ``prepare`` computed, so ``attach`` rebuilds the same modules."""
 
+    def counting_state(self, model: nn.Module) -> dict[str, Any] | None:
+        """A stand-in for ``prepare``'s result with the same parameter count, or None when
+        the count itself depends on the data (then only a real run can report it)."""
+        return None
+
     def artifacts(self, model: nn.Module) -> dict[str, Any]:
         """What the method computed, for its views: name → numpy array or JSON value."""
         return {}

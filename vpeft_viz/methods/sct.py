@@ -180,6 +180,12 @@ class SCT(PeftMethod):
     def load_state(self, state: dict[str, Any]) -> None:
         self.channels = [list(map(int, c)) for c in state["channels"]]
 
+    def counting_state(self, model: nn.Module) -> dict[str, Any]:
+        """Any K channels per block give the same count: the first K stand in."""
+        blocks = vit_blocks(model)
+        k = self.resolve_k(blocks[0].norm2.normalized_shape[0])
+        return {"channels": [list(range(k)) for _ in blocks]}
+
     def attach(self, model: nn.Module) -> None:
         if self.channels is None:
             raise RuntimeError("sct needs prepare() (or load_state()) before attach")

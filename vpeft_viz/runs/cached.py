@@ -29,10 +29,14 @@ from .store import RunStore, atomic_write_bytes, atomic_write_json
 # (method, embedded task, seeds, epochs) — the whole shipped set.
 BASELINES = ("linear", "full", "bitfit", "vpt-shallow", "vpt-deep", "lora", "adaptformer", "ssf")
 TASKS = ("digits", "retinopathy", "count")  # natural, specialized, structured
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1)
+# Methods with their own inspector views (SPT sensitivity, SCT channels): one seed each.
+INSPECTED = ("spt-lora", "spt-adapter", "sct")
+INSPECTED_SEEDS = (0,)
 EPOCHS = 10
 RECIPE: tuple[tuple[str, str, tuple[int, ...], int], ...] = tuple(
-    (method, task, SEEDS, EPOCHS) for task in TASKS for method in BASELINES)
+    (method, task, SEEDS, EPOCHS) for task in TASKS for method in BASELINES) + tuple(
+    (method, task, INSPECTED_SEEDS, EPOCHS) for task in TASKS for method in INSPECTED)
 WEIGHT_LIMIT_BYTES = 1_000_000
 COMMAND = "python -m vpeft_viz cache-runs"
 
@@ -146,12 +150,14 @@ opens. Regenerate it from the repository root with
 
 which runs the recipe in `vpeft_viz/runs/cached.py`:
 
-- methods: {", ".join(BASELINES)};
+- methods: {", ".join(BASELINES)} with seeds {", ".join(map(str, SEEDS))}, and
+  {", ".join(INSPECTED)} (for their inspector pages) with seed
+  {", ".join(map(str, INSPECTED_SEEDS))};
 - tasks: {", ".join(TASKS)} (embedded; one per VTAB group: natural, specialized, structured);
-- seeds {", ".join(map(str, SEEDS))}, {EPOCHS} epochs each, default training recipe;
+- {EPOCHS} epochs each, default training recipe and method settings;
 - the embedded backbone with its shipped weights.
 
-That is {len(RECIPE) * len(SEEDS)} runs, each up to a minute on two CPU cores.
+That is {len(planned_runs())} runs, each up to a minute or so on two CPU cores.
 Runs go into `.cached_runs.partial/` first and replace this folder at the end; an
 interrupted regeneration resumes. `--quick` (first seed, one epoch) checks the recipe.
 

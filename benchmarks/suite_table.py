@@ -38,14 +38,17 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", nargs="*", default=list(EMBEDDED_TASKS))
+    p.add_argument("--methods", nargs="*", default=["linear", "lora", "full"])
+    p.add_argument("--out", default="suite_table", help="result name under results/")
     args = p.parse_args()
+    columns = [(m, pt) for m, pt in COLUMNS if m in args.methods]
     results: dict[str, dict[str, dict]] = {}
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(tmp)
         for task in args.tasks:
             results[task] = {}
-            for method, pretrained in COLUMNS:
+            for method, pretrained in columns:
                 cfg = make_run_config(method=method, data=f"embedded:{task}",
                                       pretrained=pretrained,
                                       train={"epochs": args.epochs, "seed": args.seed})
@@ -57,19 +60,19 @@ def main() -> None:
                 print(f"{task:<12} {label(method, pretrained):<26} test {s['test_acc']:.3f}"
                       f"  ({s['train_time_s']:.0f} s)", flush=True)
     means = {label(m, pt): statistics.mean(results[t][label(m, pt)]["test_acc"]
-                                           for t in args.tasks) for m, pt in COLUMNS}
-    path = write_result("suite_table", {"epochs": args.epochs, "seed": args.seed,
+                                           for t in args.tasks) for m, pt in columns}
+    path = write_result(args.out, {"epochs": args.epochs, "seed": args.seed,
                                         "tasks": args.tasks, "results": results,
                                         "plain_mean_test_acc": means,
                                         "wall_s": time.time() - t_start})
-    header = "| task | " + " | ".join(label(m, pt) for m, pt in COLUMNS) + " |"
+    header = "| task | " + " | ".join(label(m, pt) for m, pt in columns) + " |"
     print(header)
-    print("|" + "---|" * (len(COLUMNS) + 1))
+    print("|" + "---|" * (len(columns) + 1))
     for task in args.tasks:
-        cells = " | ".join(f"{results[task][label(m, pt)]['test_acc']:.3f}" for m, pt in COLUMNS)
+        cells = " | ".join(f"{results[task][label(m, pt)]['test_acc']:.3f}" for m, pt in columns)
         print(f"| {task} | {cells} |")
     print("| **plain mean** | " + " | ".join(f"**{means[label(m, pt)]:.3f}**"
-                                           for m, pt in COLUMNS) + " |")
+                                           for m, pt in columns) + " |")
     print(f"wrote {path}")
 
 

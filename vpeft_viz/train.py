@@ -33,7 +33,8 @@ class TrainConfig(Config):
     epochs: int = param(10, "Passes over the training split.", min=1, max=1000)
     batch_size: int = param(64, "Training images per step.", min=1, max=4096)
     lr: float | None = param(None, "Peak learning rate; empty uses the method's default "
-                             "(1e-3 for PEFT methods, 1e-4 for full fine-tuning).",
+                             "(1e-3 for PEFT methods, 1e-2 for a linear probe, 1e-4 for "
+                             "full fine-tuning).",
                              min=0.0, max=10.0)
     weight_decay: float = param(1e-4, "Decoupled weight decay (AdamW) or L2 (SGD).",
                                 min=0.0, max=1.0)

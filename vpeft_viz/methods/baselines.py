@@ -28,6 +28,10 @@ class LinearProbe(PeftMethod):
     title = "Linear probe"
     summary = "Freeze the whole backbone and train only a new classifier on its features."
     mergeable = True
+    # A fresh head on frozen features takes a larger step: on 4 embedded tasks (validation,
+    # 10 epochs) 1e-2 beat 1e-3 by 3 points; 3e-2 was 1.6 points better still but is less
+    # safe on other backbones' feature scales.
+    default_lr = 1e-2
 
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         return iter(())

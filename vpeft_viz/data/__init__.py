@@ -19,12 +19,9 @@ __all__ = ["DataError", "EMBEDDED_PREFIX", "Sample", "TaskSplits", "check_data_s
 def check_data_spec(spec: str) -> None:
     """Fail fast (before any run exists) on a SPEC that cannot work; cheap: reads no images."""
     if spec.startswith(EMBEDDED_PREFIX):
-        from .embedded import EMBEDDED_TASKS, UnknownTaskError
+        from .embedded import get_task
 
-        name = spec[len(EMBEDDED_PREFIX):]
-        if name not in EMBEDDED_TASKS:
-            raise UnknownTaskError(f"unknown embedded task {name!r}; available: "
-                                   f"{', '.join(EMBEDDED_TASKS)}")
+        get_task(spec[len(EMBEDDED_PREFIX):])  # raises, listing the tasks, when unknown
         return
     path = Path(spec).expanduser()
     if not path.exists():

@@ -27,6 +27,7 @@ machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import math
@@ -43,10 +44,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .backbones import EMBEDDED_ARCH, EMBEDDED_MEAN, EMBEDDED_STD
-from .config import Config, param
+from .config import Config, ConfigError, param
+from .data.embedded import FASHION_MNIST_DIR
 
 SOURCES = ("fractal", "fashion", "distill")
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
+FASHION_DIR = FASHION_MNIST_DIR  # Debian's dataset-fashion-mnist; one place, in data.embedded
 IMAGE_SIZE = 32
 
 Progress = Callable[[int, int, float], None]
@@ -62,9 +64,10 @@ class PretrainConfig(Config):
                         "fractals (classification), Fashion-MNIST (classification) or "
                         "distillation of EfficientNet-Lite0 features on those images.",
                         choices=SOURCES)
-    steps: int = param(600, "Optimiser steps; images seen = steps × batch_size.",
+    steps: int = param(100, "Optimiser steps; images seen = steps × batch_size. The defaults "
+                       "are the shipped weights' recipe (see weights/MODEL_CARD.md).",
                        min=1, max=10_000_000)
-    batch_size: int = param(64, "Images per step.", min=1, max=4096)
+    batch_size: int = param(32, "Images per step.", min=1, max=4096)
     lr: float = param(1e-3, "Peak AdamW learning rate (after warm-up, then cosine to 0).",
                       min=0.0, max=1.0)
     weight_decay: float = param(0.05, "AdamW decoupled weight decay on matrices (not on "
@@ -96,12 +99,16 @@ class PretrainConfig(Config):
                               "Smaller values are for tests.", min=16, max=4096)
     depth: int | None = param(None, "Transformer blocks; None: the embedded architecture's.",
                               min=1, max=64)
-    threads: int | None = param(None, "CPU threads for torch; None: torch's default.",
+    threads: int | None = param(None, "CPU threads for torch; None: torch's default. On a "
+                                "shared machine 1 thread is often faster than several.",
                                 min=1, max=1024)
+    device: str = param("cpu", "Where to train: the CPU, or the first CUDA GPU when there "
+                        "is one (the images are still drawn on the CPU, so they match).",
+                        choices=("cpu", "cuda"))
 
     def validate(self) -> None:
-        from .config import ConfigError
-
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("pretrain.device is cuda but no CUDA GPU is available")
         if self.width is not None and self.width % 64 and self.width >= 64:
             raise ConfigError("pretrain.width must be a multiple of 64 (64 per head) or < 64")
 
@@ -269,14 +276,17 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+@functools.lru_cache(maxsize=1)
 def load_fashion_mnist(root: Path = FASHION_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """The 60,000 Fashion-MNIST training images (28×28 uint8) and labels."""
+    """The 60,000 Fashion-MNIST training images (28×28 uint8, read-only) and labels."""
     images, labels = root / "train-images-idx3-ubyte.gz", root / "train-labels-idx1-ubyte.gz"
     if not images.exists():
         raise FileNotFoundError(f"Fashion-MNIST not found at {root}: install the Debian "
                                 "package dataset-fashion-mnist (apt-get install "
                                 "dataset-fashion-mnist)")
-    return read_idx(images), read_idx(labels).astype(np.int64)
+    y = read_idx(labels).astype(np.int64)
+    y.flags.writeable = False
+    return read_idx(images), y
 
 
 def tint_fashion(images: np.ndarray, rng: np.random.Generator,
@@ -381,7 +391,8 @@ def load_teacher() -> nn.Module:
 def teacher_targets(teacher: nn.Module, images: np.ndarray,
                     size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's pooled feature ``(B, 1280)`` and stride-16 map ``(B, 112, h, w)``."""
-    x = to_tensor(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    device = next(teacher.parameters()).device
+    x = to_tensor(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).to(device)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = teacher.bn1(teacher.conv_stem(x))
     dense = None
@@ -449,7 +460,7 @@ def random_shift(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Ten
 
 def backbone_state(model: VisionTransformer) -> dict[str, torch.Tensor]:
     """Backbone tensors (no classifier head) in fp16, contiguous, ready for safetensors."""
-    return {k: v.detach().to(torch.float16).contiguous()
+    return {k: v.detach().to("cpu", torch.float16).contiguous()
             for k, v in model.state_dict().items() if not k.startswith("head.")}
 
 
@@ -459,7 +470,8 @@ def machine_info() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or None,
             "python": platform.python_version(), "torch": torch.__version__,
             "timm": timm.__version__, "numpy": np.__version__,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def run_pretraining(cfg: PretrainConfig, out: Path, progress: Progress | None = None) -> dict:
@@ -479,8 +491,9 @@ def run_pretraining(cfg: PretrainConfig, out: Path, progress: Progress | None = 
     model = VisionTransformer(**{**cfg.arch(), "num_classes": data.num_classes})
     teacher = heads = None
     if cfg.source == "distill":
-        teacher = load_teacher()
-        heads = DistillHeads(model.embed_dim)
+        teacher = load_teacher().to(cfg.device)
+        heads = DistillHeads(model.embed_dim).to(cfg.device)
+    model.to(cfg.device)
     trainable = nn.ModuleList([model] + ([heads] if heads is not None else []))
     opt = torch.optim.AdamW(_param_groups(trainable, cfg.weight_decay), lr=cfg.lr,
                             betas=(0.9, 0.999))
@@ -499,20 +512,20 @@ def run_pretraining(cfg: PretrainConfig, out: Path, progress: Progress | None = 
     try:
         for step in range(cfg.steps):
             images, labels = data.batch(step)
-            x = random_shift(to_tensor(images), g)
+            x = random_shift(to_tensor(images), g).to(cfg.device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             if teacher is not None:
                 pooled, dense = teacher_targets(teacher, images, cfg.teacher_size)
                 loss = heads.loss(model.forward_features(x), pooled, dense)
             else:
-                loss = F.cross_entropy(model(x), torch.from_numpy(labels),
+                loss = F.cross_entropy(model(x), torch.from_numpy(labels).to(cfg.device),
                                        label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)

@@ -64,8 +64,17 @@ def test_unknown_and_non_vit_models():
 
 
 def test_hub_download_failure_is_clear(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(BackboneError, match="could not download pretrained weights"):
+    import timm
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):  # what timm raises when the hub is unreachable
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(BackboneError, match="could not download pretrained weights.*offline"):
         create_backbone(SMALL, pretrained=True)
 
 

@@ -39,9 +39,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", nargs="*", default=list(EMBEDDED_TASKS))
     p.add_argument("--methods", nargs="*", default=["linear", "lora", "full"])
+    p.add_argument("--columns", nargs="*", default=None, metavar="METHOD:INIT",
+                   help="only these columns, e.g. lora:embedded full:random")
     p.add_argument("--out", default="suite_table", help="result name under results/")
     args = p.parse_args()
     columns = [(m, pt) for m, pt in COLUMNS if m in args.methods]
+    if args.columns:
+        wanted = {(c.split(":")[0], c.split(":")[1] == "embedded") for c in args.columns}
+        columns = [c for c in COLUMNS if c in wanted]
     results: dict[str, dict[str, dict]] = {}
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:

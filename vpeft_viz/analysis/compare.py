@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..data.formats import VTAB_GROUPS
 from ..runs.store import RunStore, RunStoreError, read_json
 from .cost import human_bytes, human_count, percent_of_backbone, ppt_score
 
@@ -37,16 +38,6 @@ PROTOCOL_NOTE = ("Selected on validation; test reported once: each run keeps the
                  "the best validation accuracy, and its test accuracy is measured once, on "
                  "that checkpoint. ± is the sample standard deviation over seeds.")
 
-# VTAB-1k task folder → group (Zhai et al. 2019; NOAH / V-PETL Bench folder names, with both
-# spellings of CIFAR-100 in use).
-VTAB_GROUPS: dict[str, str] = {
-    **dict.fromkeys(("cifar", "cifar100", "caltech101", "dtd", "oxford_flowers102",
-                     "oxford_iiit_pet", "svhn", "sun397"), "natural"),
-    **dict.fromkeys(("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
-                    "specialized"),
-    **dict.fromkeys(("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc",
-                     "dsprites_ori", "smallnorb_azi", "smallnorb_ele"), "structured"),
-}
 GROUPS = ("natural", "specialized", "structured")
 
 # Summary fields copied into the run table (see runs/execute.py).

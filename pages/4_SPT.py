@@ -17,15 +17,7 @@ st.caption("Each backbone weight is scored by its squared gradient on the task, 
            "weights get the budget: a matrix with many of them gets a whole LoRA or adapter "
            "(structured), every other sensitive weight is tuned alone (sparse).")
 
-runs = inspect.method_runs(METHODS)
-if not runs:
-    inspect.no_runs_note("SPT", METHODS)
-    inspect.new_run_form(METHODS, key="spt-new")
-    with st.expander("Queue and live runs"):
-        inspect.queue_panel()
-    st.stop()
-
-run = inspect.run_picker(runs, label="Run", key="spt-run")
+runs, run = inspect.pick_run_or_stop(METHODS, what="SPT", key="spt")
 try:
     smap = sens.SensitivityMap.from_artifacts(inspect.method_arrays(run))
 except KeyError as e:

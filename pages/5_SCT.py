@@ -15,15 +15,7 @@ st.caption("The frozen model sees every training image. At the input of each blo
            "class's images and tokens and averaged over the classes (class-aware score). The "
            "top K channels per block (1/8 of the width) get a small K×K layer.")
 
-runs = inspect.method_runs(METHODS)
-if not runs:
-    inspect.no_runs_note("SCT", METHODS)
-    inspect.new_run_form(METHODS, key="sct-new")
-    with st.expander("Queue and live runs"):
-        inspect.queue_panel()
-    st.stop()
-
-run = inspect.run_picker(runs, label="Run", key="sct-run")
+runs, run = inspect.pick_run_or_stop(METHODS, what="SCT", key="sct")
 try:
     sel = sal.ChannelSelection.from_artifacts(inspect.method_arrays(run))
 except KeyError as e:

@@ -168,3 +168,17 @@ def recorded(config: dict[str, Any]) -> dict[str, Any]:
     bb = config.get("backbone", {})
     return {"name": bb.get("name"), "pretrained": bb.get("pretrained", True),
             "checkpoint": bb.get("checkpoint")}
+
+
+def pick_run_or_stop(methods: tuple[str, ...], *, what: str,
+                     key: str) -> tuple[list[MethodRun], MethodRun]:
+    """All runs of ``methods`` and the one picked to inspect; with none yet, offer to start
+    one and stop the page."""
+    runs = method_runs(methods)
+    if not runs:
+        no_runs_note(what, methods)
+        new_run_form(methods, key=f"{key}-new")
+        with st.expander("Queue and live runs"):
+            queue_panel()
+        st.stop()
+    return runs, run_picker(runs, label="Run", key=f"{key}-run")

@@ -94,3 +94,12 @@ def test_params_data_dependent_methods(capsys):
     assert _last_json(capsys.readouterr().out)["trainable_excl_head"] == 111_744
     assert main(["params", "--method", "spt-lora", "--json"]) == 1
     assert "from data" in capsys.readouterr().err
+
+
+def test_forwarded_commands_take_dash_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["cache-runs", "-h"])
+    assert e.value.code == 0 and "--quick" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "-h"])
+    assert e.value.code == 0 and "--steps" in capsys.readouterr().out

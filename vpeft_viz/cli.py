@@ -173,8 +173,15 @@ def cmd_cache_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .pretrain import config_from_args, run_pretraining
+    # Parsed here, not in build_parser: importing the recipe (torch, timm, the task suite)
+    # would otherwise slow every other command by seconds.
+    from .pretrain import add_arguments, config_from_args, run_pretraining
 
+    p = argparse.ArgumentParser(prog="python -m vpeft_viz pretrain",
+                                description="pretrain the embedded backbone (offline recipe)")
+    add_arguments(p)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(args.pretrain_args)
     record = run_pretraining(config_from_args(args), args.out)
     if args.json:
         _print_json(record)
@@ -231,17 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="options of vpeft_viz.runs.cached (--quick, --out DIR; -h for help)")
     s.set_defaults(func=cmd_cache_runs)
 
-    from .pretrain import add_arguments
-
-    s = sub.add_parser("pretrain", help="pretrain the embedded backbone (offline recipe)")
-    add_arguments(s)
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("pretrain", help="pretrain the embedded backbone (offline recipe)",
+                       add_help=False)
+    s.add_argument("pretrain_args", nargs=argparse.REMAINDER,
+                   help="--source, --steps, --seed, --set KEY=VALUE, --out, --json (-h for help)")
     s.set_defaults(func=cmd_pretrain)
     return p
 
 
+# Commands whose own parser reads the rest of the line (argparse's REMAINDER drops a first
+# argument that starts with "-").
+FORWARDED = {"cache-runs": "cached_args", "pretrain": "pretrain_args"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        args = build_parser().parse_args(argv[:1])
+        setattr(args, FORWARDED[argv[0]], argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

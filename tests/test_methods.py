@@ -311,6 +311,21 @@ def test_ssf_zero_std_is_identity(tiny_vit, tiny_loader):
     assert max_diff(logits(tiny_vit, x), before) < 1e-6
 
 
+@pytest.mark.parametrize("overrides, site", [
+    ({"qkv_bias": False}, "attn.qkv"),      # the shift would need a bias qkv lacks
+    ({"final_norm": False}, "norm"),        # SSF after an Identity: nothing to fold into
+])
+def test_ssf_merge_refuses_sites_without_a_bias(overrides, site, make_tiny_vit, tiny_loader):
+    model = make_tiny_vit(**overrides)
+    attach("ssf", model, tiny_loader)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NotMergeableError, match=site):
+        create_method("ssf").merge(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a refused merge changed weights"
+
+
 def test_adaptformer_reads_unnormalised_residual(tiny_vit, tiny_loader):
     method = attach("adaptformer", tiny_vit, tiny_loader)
     assert method.config.scale == 0.1

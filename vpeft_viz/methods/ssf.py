@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import param
-from ._base import MethodConfig, PeftMethod, PeftModule, replace_module
+from ._base import MethodConfig, NotMergeableError, PeftMethod, PeftModule, replace_module
 from ._layers import vit_blocks
 from ._registry import register_method
 
@@ -54,24 +54,45 @@ def _out_dim(m: nn.Module) -> int:
     raise TypeError(f"SSF cannot follow a {type(m).__name__}")
 
 
+def _fold_target(model: nn.Module, name: str, ss: ScaleShift) -> nn.Module:
+    """The module γ, β fold into, or NotMergeableError naming the site and the reason.
+
+    A plain timm model of the same architecture must take the merged weights as they are,
+    so a site whose target lacks an affine or a bias (``qkv_bias=False``, a LayerNorm
+    without affine) cannot be merged: the shift β would need a parameter it does not have.
+    """
+    base = ss.base_layer
+    if isinstance(base, nn.Identity):
+        if name != "patch_embed.norm":  # e.g. `norm` of a ViT built with final_norm=False
+            raise NotMergeableError(
+                f"SSF after {name} follows an Identity with no weights to fold into; "
+                "use the unmerged model")
+        base = model.patch_embed.proj
+    if isinstance(base, nn.LayerNorm) and not base.elementwise_affine:
+        raise NotMergeableError(f"SSF after {name}: the LayerNorm has no affine parameters "
+                                "to fold into; use the unmerged model")
+    if not isinstance(base, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+        raise NotMergeableError(f"SSF after {name}: cannot fold into a {type(base).__name__}")
+    if base.bias is None:
+        raise NotMergeableError(
+            f"SSF after {name}: the shift needs a bias there, but the backbone has none "
+            "(built with bias=False, e.g. qkv_bias=False), so the merged weights would not "
+            "load into the same architecture; use the unmerged model")
+    return base
+
+
 def _fold(ss: ScaleShift, target: nn.Module) -> None:
-    """Fold γ, β into ``target`` (Linear, Conv2d or LayerNorm) in place."""
+    """Fold γ, β into ``target`` (Linear, Conv2d or LayerNorm with weight and bias) in place."""
     g, b = ss.scale.detach(), ss.shift.detach()
     with torch.no_grad():
-        if isinstance(target, nn.LayerNorm) and not target.elementwise_affine:
-            raise TypeError("cannot fold SSF into a LayerNorm without affine parameters")
         w = target.weight
         shape = (-1,) + (1,) * (w.dim() - 1)
         new_w = w * g.view(shape)
-        old_b = target.bias if target.bias is not None else torch.zeros_like(g)
-        new_b = old_b * g + b
+        new_b = target.bias * g + b
         if not (torch.isfinite(new_w).all() and torch.isfinite(new_b).all()):
             raise ValueError("SSF merge produced non-finite weights")
         w.copy_(new_w)
-        if target.bias is None:
-            target.bias = nn.Parameter(new_b.clone(), requires_grad=w.requires_grad)
-        else:
-            target.bias.copy_(new_b)
+        target.bias.copy_(new_b)
 
 
 @register_method("ssf")
@@ -104,17 +125,12 @@ class SSF(PeftMethod):
             replace_module(model, name, ScaleShift(base, dim, std))
 
     def merge(self, model: nn.Module) -> nn.Module:
-        for name, m in list(model.named_modules()):
-            if not isinstance(m, ScaleShift):
-                continue
-            base = m.base_layer
-            if isinstance(base, nn.Identity):  # patch_embed.norm: fold into the patch conv
-                if name != "patch_embed.norm":
-                    raise TypeError(f"cannot merge SSF after an Identity at {name}")
-                _fold(m, model.patch_embed.proj)
-            else:
-                _fold(m, base)
-            replace_module(model, name, base)
+        sites = [(name, m) for name, m in model.named_modules() if isinstance(m, ScaleShift)]
+        # Every site is checked before any weight changes, so a refusal leaves `model` intact.
+        targets = [_fold_target(model, name, m) for name, m in sites]
+        for (name, m), target in zip(sites, targets):
+            _fold(m, target)
+            replace_module(model, name, m.base_layer)
         return model
 
     def artifacts(self, model: nn.Module) -> dict:

@@ -148,27 +148,60 @@ class Page:
                 return b
         return None
 
+    def settled(self, action, what: str, tries: int = 5):
+        """Run ``action`` again if a rerun replaced an element under it (stale reference).
+
+        Streamlit re-renders widgets after each interaction; the status widget that
+        ``idle`` waits on can appear a moment after the click, so an element found just
+        before a rerun can go stale while it is used.
+        """
+        for attempt in range(tries):
+            try:
+                return action()
+            except StaleElementReferenceException:
+                if attempt == tries - 1:
+                    self.shot("stale")
+                    raise AssertionError(f"{what}: the page kept re-rendering") from None
+                time.sleep(0.5)
+                self.idle()
+
     def set_input(self, label: str, value: str) -> None:
-        box = self.d.find_element(By.CSS_SELECTOR, f'input[aria-label="{label}"]')
-        box.send_keys(Keys.CONTROL, "a")
-        box.send_keys(value, Keys.TAB)
+        def type_it():
+            box = self.d.find_element(By.CSS_SELECTOR, f'input[aria-label="{label}"]')
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(value, Keys.TAB)
+        self.settled(type_it, f"typing {value!r} into {label!r}")
         self.idle()
+        box = f'input[aria-label="{label}"]'
+        self.wait(lambda: self.d.find_element(By.CSS_SELECTOR, box).get_attribute("value")
+                  == value, 10, f"{label!r} to read {value!r}")
 
     def multiselect_only(self, label: str, option: str) -> None:
         """Leave exactly ``option`` chosen in the multiselect labelled ``label``."""
         remove = (f'//input[starts-with(@aria-label, "{label}")]'
                   '/ancestor::div[@data-testid="stMultiSelect"]'
                   '//button[starts-with(@aria-label, "Remove ")]')
-        while removes := self.d.find_elements(By.XPATH, remove):
-            removes[0].click()
+
+        def remove_one() -> bool:
+            removes = self.d.find_elements(By.XPATH, remove)
+            if removes:
+                removes[0].click()
+            return bool(removes)
+
+        while self.settled(remove_one, f"clearing {label!r}"):
             self.idle()
-        box = self.d.find_element(By.CSS_SELECTOR, f'input[aria-label^="{label}"]')
-        box.click()
-        box.send_keys(option)
         choice = f'//*[@role="option"][normalize-space(.)="{option}"]'
-        self.wait(lambda: self.d.find_elements(By.XPATH, choice), 10, f"option {option!r}")
-        self.d.find_element(By.XPATH, choice).click()
-        box.send_keys(Keys.ESCAPE)
+
+        def pick():
+            if self.d.find_elements(By.XPATH, remove):  # chosen by an earlier attempt
+                return
+            box = self.d.find_element(By.CSS_SELECTOR, f'input[aria-label^="{label}"]')
+            box.click()
+            box.send_keys(option)
+            self.wait(lambda: self.d.find_elements(By.XPATH, choice), 10, f"option {option!r}")
+            self.d.find_element(By.XPATH, choice).click()
+            box.send_keys(Keys.ESCAPE)
+        self.settled(pick, f"choosing {option!r} in {label!r}")
         self.idle()
 
 

@@ -32,7 +32,11 @@ if not CHROMIUM or not Path(CHROMEDRIVER).is_file():
                 "as root: apt-get install chromium chromium-driver)", allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (requirements-dev)")
 
-from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    ElementClickInterceptedException,
+    ElementNotInteractableException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver import ActionChains  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -43,6 +47,10 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 SERVER_START_S = 90
 RUN_S = 180  # the run, from launch to done, on a busy 2-core machine
 TASK = "digits"
+
+
+RERENDERED = (StaleElementReferenceException, ElementNotInteractableException,
+              ElementClickInterceptedException)
 
 
 def _free_port() -> int:
@@ -121,7 +129,7 @@ class Page:
     def wait(self, condition, timeout: float, what: str):
         try:
             return WebDriverWait(self.d, timeout, poll_frequency=0.5,
-                                 ignored_exceptions=(StaleElementReferenceException,)
+                                 ignored_exceptions=RERENDERED
                                  ).until(lambda d: condition())
         except Exception as e:
             self.shot("timeout")
@@ -149,16 +157,17 @@ class Page:
         return None
 
     def settled(self, action, what: str, tries: int = 5):
-        """Run ``action`` again if a rerun replaced an element under it (stale reference).
+        """Run ``action`` again if a rerun replaced or covered an element under it.
 
-        Streamlit re-renders widgets after each interaction; the status widget that
-        ``idle`` waits on can appear a moment after the click, so an element found just
-        before a rerun can go stale while it is used.
+        Streamlit re-renders widgets after each interaction and the layout shifts (a
+        method's settings expander appears or goes); the status widget that ``idle`` waits
+        on can appear a moment after the click, so an element found just before a rerun
+        can go stale, or be briefly not interactable, while it is used.
         """
         for attempt in range(tries):
             try:
                 return action()
-            except StaleElementReferenceException:
+            except RERENDERED:
                 if attempt == tries - 1:
                     self.shot("stale")
                     raise AssertionError(f"{what}: the page kept re-rendering") from None
@@ -178,9 +187,10 @@ class Page:
 
     def multiselect_only(self, label: str, option: str) -> None:
         """Leave exactly ``option`` chosen in the multiselect labelled ``label``."""
-        remove = (f'//input[starts-with(@aria-label, "{label}")]'
-                  '/ancestor::div[@data-testid="stMultiSelect"]'
-                  '//button[starts-with(@aria-label, "Remove ")]')
+        widget = (f'//input[starts-with(@aria-label, "{label}")]'
+                  '/ancestor::div[@data-testid="stMultiSelect"]')
+        remove = f'{widget}//button[starts-with(@aria-label, "Remove ")]'
+        chip = f'{widget}//button[@aria-label="Remove {option}"]'
 
         def remove_one() -> bool:
             removes = self.d.find_elements(By.XPATH, remove)
@@ -202,6 +212,8 @@ class Page:
             self.d.find_element(By.XPATH, choice).click()
             box.send_keys(Keys.ESCAPE)
         self.settled(pick, f"choosing {option!r} in {label!r}")
+        self.idle()
+        self.wait(lambda: self.d.find_elements(By.XPATH, chip), 10, f"{option!r} chosen")
         self.idle()
 
 

@@ -35,6 +35,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (re
 from selenium.common.exceptions import (  # noqa: E402
     ElementClickInterceptedException,
     ElementNotInteractableException,
+    NoSuchElementException,
     StaleElementReferenceException,
 )
 from selenium.webdriver import ActionChains  # noqa: E402
@@ -49,8 +50,10 @@ RUN_S = 180  # the run, from launch to done, on a busy 2-core machine
 TASK = "digits"
 
 
+# What a widget action can meet while Streamlit is still re-rendering the page after the
+# previous one: the element replaced, covered, or not yet drawn again.
 RERENDERED = (StaleElementReferenceException, ElementNotInteractableException,
-              ElementClickInterceptedException)
+              ElementClickInterceptedException, NoSuchElementException)
 
 
 def _free_port() -> int:
@@ -128,7 +131,7 @@ class Page:
 
     def wait(self, condition, timeout: float, what: str):
         try:
-            return WebDriverWait(self.d, timeout, poll_frequency=0.5,
+            return WebDriverWait(self.d, timeout, poll_frequency=0.25,
                                  ignored_exceptions=RERENDERED
                                  ).until(lambda d: condition())
         except Exception as e:
@@ -145,10 +148,20 @@ class Page:
         errors = self.d.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
         assert not errors, errors[0].text
 
-    def idle(self, timeout: float = 30) -> None:
-        """Wait until the script is not running (no 'Running...' status widget)."""
-        self.wait(lambda: not self.d.find_elements(
-            By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'), timeout, "the script to finish")
+    def idle(self, timeout: float = 30, quiet_s: float = 1.0) -> None:
+        """Wait until the script has not been running (no 'Running...' status widget) for
+        ``quiet_s`` in a row: a rerun's status widget can show up a moment after a click."""
+        quiet_since = [None]
+
+        def quiet() -> bool:
+            if self.d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'):
+                quiet_since[0] = None
+                return False
+            now = time.monotonic()
+            quiet_since[0] = quiet_since[0] or now
+            return now - quiet_since[0] >= quiet_s
+
+        self.wait(quiet, timeout, "the script to finish")
 
     def button(self, label_start: str):
         for b in self.d.find_elements(By.CSS_SELECTOR, '[data-testid="stButton"] button'):

@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--from-store", type=Path, default=None)
+    p.add_argument("--out", default="live_run", help="results/<OUT>.json (default: live_run)")
     args = p.parse_args()
     if args.from_store is not None:
         return summarise_store(args.from_store)
@@ -105,7 +106,7 @@ def main() -> None:
                   f"  first val {row['first_val_acc_s']:.1f}s"
                   f"  {row['train_images_per_s']:.0f} img/s  test {row['test_acc']:.3f}",
                   flush=True)
-    path = write_result("live_run", {"task": task, "epochs": args.epochs,
+    path = write_result(args.out, {"task": task, "epochs": args.epochs,
                                      "repeats": args.repeats, "rows": rows,
                                      "target": {"wall_s": 60, "first_metric_s": 5}})
     print(f"wrote {path}")

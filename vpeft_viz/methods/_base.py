@@ -19,7 +19,8 @@ from ..config import Config
 
 
 class NotMergeableError(RuntimeError):
-    """The method adds computation that cannot be folded into the backbone's weights."""
+    """The method adds computation that cannot be folded into the backbone's weights, or
+    this backbone has no weight to fold it into (the message names the site)."""
 
 
 @dataclass

@@ -18,10 +18,8 @@ st.caption("Each backbone weight is scored by its squared gradient on the task, 
            "(structured), every other sensitive weight is tuned alone (sparse).")
 
 runs, run = inspect.pick_run_or_stop(METHODS, what="SPT", key="spt")
-try:
-    smap = sens.SensitivityMap.from_artifacts(inspect.method_arrays(run))
-except KeyError as e:
-    st.error(f"Run {run.id} has no usable sensitivity record ({e}).", icon=":material/error:")
+smap = inspect.read_record(run, sens.SensitivityMap.from_artifacts, "sensitivity")
+if smap is None:
     st.stop()
 info = inspect.method_state(run).get("sensitivity") or {}
 kind = KIND[run.method]
@@ -96,19 +94,20 @@ with tab_two:
         st.info("Only one SPT run so far: launch one on another task to compare.")
     else:
         other = inspect.run_picker(others, label="Compare with", key="spt-other")
-        smap2 = sens.SensitivityMap.from_artifacts(inspect.method_arrays(other))
-        both = st.toggle("Same budget for both (re-allocated from the stored sensitivity)",
-                         key="spt-same")
-        lay1 = sens.reallocate(smap, own.used) if both else own
-        lay2 = sens.reallocate(smap2, own.used) if both else sens.run_layout(smap2)
-        grids = [sens.block_op_grid(smap, lay1), sens.block_op_grid(smap2, lay2)]
-        top = 100 * max(float(g["density"].max()) for g in grids)  # one colour scale
-        cols = st.columns(2)
-        for col, r, grid, lay, k in ((cols[0], run, grids[0], lay1, "a"),
-                                     (cols[1], other, grids[1], lay2, "b")):
-            col.plotly_chart(plots.sensitivity_heatmap(
-                grid, kind=KIND[r.method], zmax=top or None,
-                title=f"{r.task} · {r.method} · {human_count(lay.used)}"), key=f"spt-two-{k}")
-        overlap = sens.structured_overlap(lay1, lay2, smap, smap2)
-        if overlap is not None:
-            st.caption(f"Structured matrices shared (Jaccard): {overlap:.2f}")
+        smap2 = inspect.read_record(other, sens.SensitivityMap.from_artifacts, "sensitivity")
+        if smap2 is not None:
+            both = st.toggle("Same budget for both (re-allocated from the stored sensitivity)",
+                             key="spt-same")
+            lay1 = sens.reallocate(smap, own.used) if both else own
+            lay2 = sens.reallocate(smap2, own.used) if both else sens.run_layout(smap2)
+            grids = [sens.block_op_grid(smap, lay1), sens.block_op_grid(smap2, lay2)]
+            top = 100 * max(float(g["density"].max()) for g in grids)  # one colour scale
+            cols = st.columns(2)
+            for col, r, grid, lay, k in ((cols[0], run, grids[0], lay1, "a"),
+                                         (cols[1], other, grids[1], lay2, "b")):
+                col.plotly_chart(plots.sensitivity_heatmap(
+                    grid, kind=KIND[r.method], zmax=top or None,
+                    title=f"{r.task} · {r.method} · {human_count(lay.used)}"), key=f"spt-two-{k}")
+            overlap = sens.structured_overlap(lay1, lay2, smap, smap2)
+            if overlap is not None:
+                st.caption(f"Structured matrices shared (Jaccard): {overlap:.2f}")

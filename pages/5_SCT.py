@@ -16,10 +16,8 @@ st.caption("The frozen model sees every training image. At the input of each blo
            "top K channels per block (1/8 of the width) get a small K×K layer.")
 
 runs, run = inspect.pick_run_or_stop(METHODS, what="SCT", key="sct")
-try:
-    sel = sal.ChannelSelection.from_artifacts(inspect.method_arrays(run))
-except KeyError as e:
-    st.error(f"Run {run.id} has no usable saliency record ({e}).", icon=":material/error:")
+sel = inspect.read_record(run, sal.ChannelSelection.from_artifacts, "saliency")
+if sel is None:
     st.stop()
 state = inspect.method_state(run)
 c = st.columns(4)
@@ -52,8 +50,10 @@ with tab_tasks:
         for i in picked:
             name = f"{same[i].task} · s{same[i].seed}"
             name += f" ({same[i].id[-6:]})" if name in chosen else ""
-            chosen[name] = sal.ChannelSelection.from_artifacts(
-                inspect.method_arrays(same[i])).channels
+            other = inspect.read_record(same[i], sal.ChannelSelection.from_artifacts,
+                                        "saliency")
+            if other is not None:
+                chosen[name] = other.channels
         names, matrix = sal.overlap_matrix(chosen)
         st.plotly_chart(plots.overlap_heatmap(names, matrix, chance=sal.expected_random_jaccard(
             sel.width, sel.k)), key="sct-overlap")

@@ -138,3 +138,18 @@ def test_sct_page_with_runs(with_runs):
     assert not at.exception
     at.multiselect(key="sct-tasks").set_value([0]).run()
     assert any("at least two runs" in i.value for i in at.info)
+
+
+def test_unusable_records_give_an_error_not_a_crash(with_runs):
+    user = run_stores.RunStore(with_runs / "user")
+    (bad,) = [r for r in user.list() if r.config["method"] == "spt-adapter"]
+    bad.save_artifact("method.npz", {"unrelated": np.zeros(3)})
+    at = page("4_SPT.py")  # first run (count) is fine; the bad one is the first to compare with
+    assert not at.exception
+    assert any(f"Run {bad.id} has no usable sensitivity record" in e.value for e in at.error)
+    assert [m.label for m in at.metric][:1] == ["budget used"]  # the rest of the page is there
+
+    runs = at.selectbox(key="spt-run")
+    at = runs.set_value(next(o for o in runs.options if bad.id in o)).run()
+    assert not at.exception
+    assert any(f"Run {bad.id} has no usable sensitivity record" in e.value for e in at.error)

@@ -64,8 +64,9 @@ class PretrainConfig(Config):
                         "fractals (classification), Fashion-MNIST (classification) or "
                         "distillation of EfficientNet-Lite0 features on those images.",
                         choices=SOURCES)
-    steps: int = param(100, "Optimiser steps; images seen = steps × batch_size. The defaults "
-                       "are the shipped weights' recipe (see weights/MODEL_CARD.md).",
+    steps: int = param(100, "Optimiser steps; images seen = steps × batch_size. The shipped "
+                       "weights used 1,000 steps × 64 images (`make pretrain`; see "
+                       "weights/MODEL_CARD.md).",
                        min=1, max=10_000_000)
     batch_size: int = param(32, "Images per step.", min=1, max=4096)
     lr: float = param(1e-3, "Peak AdamW learning rate (after warm-up, then cosine to 0).",

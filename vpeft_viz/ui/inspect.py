@@ -8,9 +8,11 @@ modification time, and every view computation on it is a few array operations.
 
 from __future__ import annotations
 
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import streamlit as st
@@ -20,6 +22,7 @@ from ..runs.store import Run
 from .stores import SOURCE_LABELS, store_roots
 
 ARTIFACT = "method.npz"
+T = TypeVar("T")
 
 
 @dataclass
@@ -80,6 +83,17 @@ def method_arrays(run: MethodRun) -> dict[str, np.ndarray]:
     """The run's ``method.npz`` as arrays (cached until the file changes)."""
     path = Path(run.path) / "artifacts" / ARTIFACT
     return _arrays(run.path, path.stat().st_mtime_ns)
+
+
+def read_record(run: MethodRun, parse: Callable[[dict[str, np.ndarray]], T],
+                what: str) -> T | None:
+    """``parse`` of the run's ``method.npz``; None, after an error naming the run, when the
+    file is unreadable or not the record ``parse`` expects."""
+    try:
+        return parse(method_arrays(run))
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile, RunStoreError) as e:
+        st.error(f"Run {run.id} has no usable {what} record ({e}).", icon=":material/error:")
+        return None
 
 
 def method_state(run: MethodRun) -> dict[str, Any]:

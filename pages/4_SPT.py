@@ -5,7 +5,7 @@ import streamlit as st
 from vpeft_viz.analysis import sensitivity as sens
 from vpeft_viz.plots import human_count
 from vpeft_viz.plots import spt as plots
-from vpeft_viz.ui import inspect
+from vpeft_viz.ui import method_views
 
 METHODS = ("spt-lora", "spt-adapter")
 KIND = {"spt-lora": "lora", "spt-adapter": "adapter"}
@@ -17,11 +17,11 @@ st.caption("Each backbone weight is scored by its squared gradient on the task, 
            "weights get the budget: a matrix with many of them gets a whole LoRA or adapter "
            "(structured), every other sensitive weight is tuned alone (sparse).")
 
-runs, run = inspect.pick_run_or_stop(METHODS, what="SPT", key="spt")
-smap = inspect.read_record(run, sens.SensitivityMap.from_artifacts, "sensitivity")
+runs, run = method_views.pick_run_or_stop(METHODS, what="SPT", key="spt")
+smap = method_views.read_record(run, sens.SensitivityMap.from_artifacts, "sensitivity")
 if smap is None:
     st.stop()
-info = inspect.method_state(run).get("sensitivity") or {}
+info = method_views.method_state(run).get("sensitivity") or {}
 kind = KIND[run.method]
 own = sens.run_layout(smap)
 c = st.columns(4)
@@ -71,15 +71,15 @@ with tab_budget:
                        key="spt-breakdown")
     right.plotly_chart(plots.budget_curve(selected, totals, target=target,
                                           used=layout.used), key="spt-curve")
-    inspect.launch_button(
+    method_views.launch_button(
         f"Train {run.method} at {human_count(layout.used)} on {run.task}", key="spt-launch",
         help="Queues a run with this budget (same task, backbone, seed and settings); its "
              "sensitivity is recomputed, so the layout matches when the data and seed do.",
         method=run.method, data=run.config["data"]["spec"],
         method_config={**run.config["method_config"], "budget": int(layout.used)},
-        train=run.config.get("train"), backbone=inspect.recorded(run.config))
+        train=run.config.get("train"), backbone=method_views.recorded(run.config))
     with st.expander("Queue and live runs"):
-        inspect.queue_panel()
+        method_views.queue_panel()
 
 with tab_matrix:
     name = st.selectbox("Matrix", smap.matrix_names(), key="spt-matrix")
@@ -93,8 +93,8 @@ with tab_two:
     if not others:
         st.info("Only one SPT run so far: launch one on another task to compare.")
     else:
-        other = inspect.run_picker(others, label="Compare with", key="spt-other")
-        smap2 = inspect.read_record(other, sens.SensitivityMap.from_artifacts, "sensitivity")
+        other = method_views.run_picker(others, label="Compare with", key="spt-other")
+        smap2 = method_views.read_record(other, sens.SensitivityMap.from_artifacts, "sensitivity")
         if smap2 is not None:
             both = st.toggle("Same budget for both (re-allocated from the stored sensitivity)",
                              key="spt-same")

@@ -4,7 +4,7 @@ import streamlit as st
 
 from vpeft_viz.analysis import saliency as sal
 from vpeft_viz.plots import sct as plots
-from vpeft_viz.ui import inspect
+from vpeft_viz.ui import method_views
 
 METHODS = ("sct",)
 
@@ -15,11 +15,11 @@ st.caption("The frozen model sees every training image. At the input of each blo
            "class's images and tokens and averaged over the classes (class-aware score). The "
            "top K channels per block (1/8 of the width) get a small K×K layer.")
 
-runs, run = inspect.pick_run_or_stop(METHODS, what="SCT", key="sct")
-sel = inspect.read_record(run, sal.ChannelSelection.from_artifacts, "saliency")
+runs, run = method_views.pick_run_or_stop(METHODS, what="SCT", key="sct")
+sel = method_views.read_record(run, sal.ChannelSelection.from_artifacts, "saliency")
 if sel is None:
     st.stop()
-state = inspect.method_state(run)
+state = method_views.method_state(run)
 c = st.columns(4)
 c[0].metric("channels per block", f"{sel.k} of {sel.width}")
 c[1].metric("trainable (no head)", f"{sel.depth * (sel.k ** 2 + sel.k):,}")
@@ -50,7 +50,7 @@ with tab_tasks:
         for i in picked:
             name = f"{same[i].task} · s{same[i].seed}"
             name += f" ({same[i].id[-6:]})" if name in chosen else ""
-            other = inspect.read_record(same[i], sal.ChannelSelection.from_artifacts,
+            other = method_views.read_record(same[i], sal.ChannelSelection.from_artifacts,
                                         "saliency")
             if other is not None:
                 chosen[name] = other.channels

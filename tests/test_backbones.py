@@ -11,11 +11,11 @@ from vpeft_viz.backbones import (
     EMBEDDED_BACKBONE,
     EMBEDDED_WEIGHTS,
     BackboneError,
-    attention_maps,
     create_backbone,
     load_weights,
 )
 from vpeft_viz.methods import attach_method, create_method
+from vpeft_viz.probes.attention import attention_maps
 
 SMALL = "vit_tiny_patch16_224"
 

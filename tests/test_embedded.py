@@ -203,7 +203,7 @@ def test_unknown_split_is_a_clear_error(suite):
 def test_fashion_mnist_is_optional_and_skips_cleanly(tmp_path, monkeypatch):
     assert "fashion_mnist" in OPTIONAL_TASKS and "fashion_mnist" not in EMBEDDED_TASKS
     monkeypatch.setenv("VPEFT_VIZ_CACHE", str(tmp_path))
-    monkeypatch.setattr(embedded, "FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.setattr(embedded.sources, "FASHION_MNIST_DIR", tmp_path / "absent")
     row = next(r for r in list_tasks() if r["name"] == "fashion_mnist")
     assert row["available"] is False and row["default"] is False
     with pytest.raises(TaskUnavailableError, match="dataset-fashion-mnist"):

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from vpeft_viz.analysis import saliency as sal
 from vpeft_viz.methods import attach_method, count_parameters, create_method, sct
 from vpeft_viz.methods._layers import vit_blocks
+from vpeft_viz.probes.activations import class_channel_norms
 
 CPU = torch.device("cpu")
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=5)
@@ -63,7 +64,7 @@ def reference_cais(model: VisionTransformer, ds: TensorDataset) -> tuple[np.ndar
 
 def test_saliency_matches_explicit_per_class_loops():
     model, ds = tiny(), dataset()
-    got = sct.channel_saliency(model, DataLoader(ds, batch_size=5, shuffle=True))
+    got = class_channel_norms(model, DataLoader(ds, batch_size=5, shuffle=True))
     class_aware, plain = reference_cais(model, ds)
     np.testing.assert_allclose(got.class_aware, class_aware, rtol=1e-5)
     np.testing.assert_allclose(got.plain, plain, rtol=1e-5)
@@ -76,7 +77,7 @@ def test_missing_class_labels_are_skipped():
     model = tiny()
     images, labels = dataset().tensors
     labels = labels * 2  # classes 0, 2, 4, 6 only: 1, 3, 5 have no images
-    got = sct.channel_saliency(model, DataLoader(TensorDataset(images, labels), batch_size=8))
+    got = class_channel_norms(model, DataLoader(TensorDataset(images, labels), batch_size=8))
     ref, _ = reference_cais(model, TensorDataset(images, labels))
     np.testing.assert_allclose(got.class_aware, ref, rtol=1e-5)
 

@@ -7,20 +7,18 @@
 * ``create_backbone()`` is the embedded default: a small ViT registered with timm whose
   weights ship with the project (see ``vpeft_viz/weights/MODEL_CARD.md``).
 
-Attention weights: timm computes attention with a fused kernel that never materialises the
-attention matrix. :func:`unfused_attention` is the one place that switches it off.
+Attention weights are read by :mod:`vpeft_viz.probes.attention` (the one place that switches
+timm's fused attention off).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import timm
 import torch
 from timm.models import register_model
-from timm.models.vision_transformer import Attention, VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 
 EMBEDDED_BACKBONE = "vit_tiny_patch4_32_vpeft"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -136,34 +134,22 @@ def image_size(model: VisionTransformer) -> int:
     return int(model.patch_embed.img_size[0])
 
 
-@contextlib.contextmanager
-def unfused_attention(model: torch.nn.Module) -> Iterator[list[Attention]]:
-    """Compute attention explicitly (softmax materialised) so it can be hooked.
+def vit_blocks(model: torch.nn.Module) -> list[Block]:
+    """The transformer blocks of a timm ViT, with a clear error for other architectures.
 
-    timm's ``Attention`` reads ``fused_attn`` at every forward; it is switched off on each
-    attention module for the duration and restored afterwards. Yields the modules.
+    A block a method wrapped (anything holding the original in ``base_layer``) is unwrapped,
+    so methods and probes see the same timm blocks.
     """
-    mods = [m for m in model.modules() if isinstance(m, Attention)]
-    saved = [m.fused_attn for m in mods]
-    for m in mods:
-        m.fused_attn = False
-    try:
-        yield mods
-    finally:
-        for m, s in zip(mods, saved):
-            m.fused_attn = s
-
-
-@torch.no_grad()
-def attention_maps(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """Attention probabilities of every block: a list of (batch, heads, tokens, tokens)."""
-    maps: list[torch.Tensor] = []
-    with unfused_attention(model) as mods:
-        hooks = [m.attn_drop.register_forward_hook(lambda _m, inp, _o: maps.append(inp[0].detach()))
-                 for m in mods]
-        try:
-            model(images)
-        finally:
-            for h in hooks:
-                h.remove()
-    return maps
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(model).__name__} has no .blocks: only timm ViTs are supported")
+    out = []
+    for i, b in enumerate(blocks):
+        base = getattr(b, "base_layer", b)
+        if not isinstance(base, Block):
+            raise TypeError(
+                f"block {i} is a {type(base).__name__}; methods support timm's "
+                "vision_transformer.Block (pre-norm attention + MLP)"
+            )
+        out.append(base)
+    return out

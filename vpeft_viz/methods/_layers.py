@@ -8,24 +8,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ..backbones import vit_blocks  # noqa: F401  (re-exported for the methods)
 from ._base import PeftModule
-
-
-def vit_blocks(model: nn.Module) -> list[Block]:
-    """The transformer blocks of a timm ViT, with a clear error for other architectures."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise TypeError(f"{type(model).__name__} has no .blocks: only timm ViTs are supported")
-    out = []
-    for i, b in enumerate(blocks):
-        base = b.base_layer if isinstance(b, BlockWrapper) else b
-        if not isinstance(base, Block):
-            raise TypeError(
-                f"block {i} is a {type(base).__name__}; methods support timm's "
-                "vision_transformer.Block (pre-norm attention + MLP)"
-            )
-        out.append(base)
-    return out
 
 
 class BlockWrapper(PeftModule):

@@ -3,28 +3,30 @@
 Zhao et al., IJCV 2024, https://arxiv.org/abs/2309.08513 (showlab/SCT,
 ``train_model_sct.py::getSalientChannels``).
 
-* **Selection** (:func:`channel_saliency`). The frozen pretrained model sees every training
-  image once (eval mode, no augmentation). At the input of each block's ``norm2`` — the
-  residual stream right after the attention residual — the prefix (CLS) tokens are dropped and,
-  for every class c, each channel's L2 norm over that class's images × tokens is taken:
-  ``n_c[j] = sqrt(Σ_{images of c, tokens} x_j²)``. The class-aware importance (CAIS) is the
-  mean of ``n_c`` over the classes; the top K channels per block are kept (K = 96 of 768, 1/8
-  of the width, by default). The *plain* score ``sqrt(Σ_{all images, tokens} x_j²)`` is kept
-  too, for the class-aware vs plain comparison view.
+* **Selection** (:func:`vpeft_viz.probes.activations.class_channel_norms`). The frozen
+  pretrained model sees every training image once (eval mode, no augmentation). At the input
+  of each block's ``norm2`` — the residual stream right after the attention residual — the
+  prefix (CLS) tokens are dropped and, for every class c, each channel's L2 norm over that
+  class's images × tokens is taken: ``n_c[j] = sqrt(Σ_{images of c, tokens} x_j²)``. The
+  class-aware importance (CAIS) is the mean of ``n_c`` over the classes; the top K channels
+  per block are kept (K = 96 of 768, 1/8 of the width, by default). The *plain* score
+  ``sqrt(Σ_{all images, tokens} x_j²)`` is kept too, for the class-aware vs plain comparison
+  view.
 * **Module** (:class:`SalientChannelBlock`). After the attention residual,
   ``x[..., S] ← x[..., S] + s · (W x[..., S] + b)`` with a K×K linear (trunc-normal std 0.02,
   zero bias): 12·(96² + 96) = 111,744 parameters on ViT-B/16. The official code scales the
   update by a per-task ``s`` (e.g. 0.15 on SVHN); s = 1 is METHODS.md's formula. Not the
   identity at init (W is random) and not mergeable (a K×K matmul per block stays).
 
-Where the maths lives: the saliency core is here, below ``analysis/``, because ``prepare``
-needs it; :mod:`vpeft_viz.analysis.saliency` imports it for the views (overlap between tasks,
-class-aware vs plain selection).
+Where the maths lives: the channel norms are the activation probe
+:func:`vpeft_viz.probes.activations.class_channel_norms`; the top-K selection is here;
+:mod:`vpeft_viz.analysis.saliency` compares stored selections for the views (overlap between
+tasks, class-aware vs plain selection).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from ..config import param
+from ..probes.activations import ChannelNorms, class_channel_norms
 from ._base import MethodConfig, PeftMethod
 from ._layers import BlockWrapper, vit_blocks
 from ._registry import register_method
@@ -47,70 +50,6 @@ class SCTConfig(MethodConfig):
     scale: float = param(1.0, "Multiplier s on the K×K update (the official code tunes it per "
                          "task, e.g. 0.15 on SVHN).", min=0.0, max=100.0)
     seed: int = param(0, "Seed of the K×K layers' initialisation.", min=0, max=2**31 - 1)
-
-
-@dataclass
-class ChannelSaliency:
-    """Per-block channel scores from the training images (numpy, depth × width)."""
-
-    class_aware: np.ndarray  # CAIS: mean over classes of each class's channel L2 norm
-    plain: np.ndarray  # channel L2 norm over all images and tokens
-    class_counts: np.ndarray  # images per class (index = label)
-
-    @property
-    def images(self) -> int:
-        return int(self.class_counts.sum())
-
-
-@torch.no_grad()
-def channel_saliency(model: nn.Module, loader: Iterable, *, device: torch.device | str = "cpu",
-                     progress: Progress | None = None) -> ChannelSaliency:
-    """CAIS and plain channel norms at the input of every block's ``norm2``.
-
-    Sums of squares are accumulated per class in float64, so the result does not depend on
-    the order or batching of the images.
-    """
-    device = torch.device(device)
-    blocks = vit_blocks(model)
-    n_prefix = int(getattr(model, "num_prefix_tokens", 1))
-    width = blocks[0].norm2.normalized_shape[0]
-    sums = torch.zeros(len(blocks), 0, width, dtype=torch.float64)
-    counts = torch.zeros(0, dtype=torch.int64)
-    current: dict[int, torch.Tensor] = {}
-
-    def hook(i: int):
-        def fn(_m, args):
-            current[i] = args[0][:, n_prefix:].detach().to(torch.float64).square().sum(1)
-        return fn
-
-    was_training = model.training
-    model.eval()
-    handles = [b.norm2.register_forward_pre_hook(hook(i)) for i, b in enumerate(blocks)]
-    total = len(loader) if hasattr(loader, "__len__") else 0
-    try:
-        for step, (images, labels) in enumerate(loader, 1):
-            labels = torch.as_tensor(labels).reshape(-1).long()
-            model(images.to(device))
-            need = int(labels.max()) + 1
-            if need > counts.numel():
-                sums = torch.cat([sums, sums.new_zeros(len(blocks), need - sums.shape[1],
-                                                       width)], dim=1)
-                counts = torch.cat([counts, counts.new_zeros(need - counts.numel())])
-            counts += torch.bincount(labels, minlength=counts.numel())
-            for i in range(len(blocks)):
-                sums[i].index_add_(0, labels, current[i].cpu())
-            if progress is not None:
-                progress(step, total or step)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if counts.sum() == 0:
-        raise ValueError("SCT saliency needs at least one training image")
-    present = counts > 0
-    class_aware = sums[:, present].sqrt().mean(dim=1)
-    plain = sums.sum(dim=1).sqrt()
-    return ChannelSaliency(class_aware.float().numpy(), plain.float().numpy(), counts.numpy())
 
 
 def top_channels(scores: np.ndarray, k: int) -> np.ndarray:
@@ -154,7 +93,7 @@ class SCT(PeftMethod):
     def __init__(self, config: SCTConfig | None = None):
         super().__init__(config)
         self.channels: list[list[int]] | None = None
-        self.saliency: ChannelSaliency | None = None
+        self.saliency: ChannelNorms | None = None
 
     def resolve_k(self, width: int) -> int:
         k = self.config.k if self.config.k is not None else default_k(width)
@@ -165,7 +104,7 @@ class SCT(PeftMethod):
     def prepare(self, model: nn.Module, loader, *, device: torch.device, progress=None) -> None:
         width = vit_blocks(model)[0].norm2.normalized_shape[0]
         k = self.resolve_k(width)
-        self.saliency = channel_saliency(model, loader, device=device, progress=progress)
+        self.saliency = class_channel_norms(model, loader, device=device, progress=progress)
         self.channels = top_channels(self.saliency.class_aware, k).tolist()
 
     def state(self) -> dict[str, Any]:

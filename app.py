@@ -12,7 +12,7 @@ import streamlit as st
 
 from vpeft_viz.plots import human_bytes, human_count
 from vpeft_viz.runs import REPO_ROOT
-from vpeft_viz.ui.common import PAGE_BLURBS, embedded_info, hardware, page_files, page_title
+from vpeft_viz.ui.common import embedded_info, hardware, page_blurb, page_files, page_title
 from vpeft_viz.ui.stores import SOURCE_LABELS, run_counts, store_roots
 
 st.set_page_config(page_title="vpeft-viz", page_icon=":material/biotech:", layout="wide")
@@ -79,7 +79,7 @@ def home() -> None:
     st.subheader("Pages")
     for path in page_files():
         title = page_title(path)
-        blurb = PAGE_BLURBS.get(title)
+        blurb = page_blurb(path)
         st.page_link(str(path.relative_to(REPO_ROOT)),
                      label=title + (f": {blurb}" if blurb else ""))
 

@@ -43,16 +43,17 @@ def synthetic_store(root: Path) -> RunStore:
     """Run directories shaped like the cached-runs recipe, with plausible numbers."""
     import numpy as np
 
-    from vpeft_viz.runs.cached import BASELINES, EPOCHS, SEEDS, TASKS
+    from vpeft_viz.runs.cached import EPOCHS, TASKS, default_recipe
 
     rng = np.random.default_rng(0)
     store = RunStore(root)
     params = {"linear": 0, "full": 2_691_648, "bitfit": 13_056, "vpt-shallow": 1_920,
               "vpt-deep": 11_520, "lora": 36_864, "adaptformer": 19_632, "ssf": 26_112}
+    seeds = {m: s for m, _, s, _ in default_recipe() if m in params}
     for task, classes in zip(TASKS, (10, 4, 8)):
-        for method in BASELINES:
+        for method, method_seeds in seeds.items():
             base = 0.5 + 0.4 * rng.random()
-            for seed in SEEDS:
+            for seed in method_seeds:
                 cfg = {"method": method, "method_config": {},
                        "backbone": {"name": "vit_tiny_patch4_32_vpeft", "pretrained": True,
                                     "checkpoint": None},

@@ -1,4 +1,7 @@
-"""Train: pick a backbone, data and methods, launch runs onto the queue, watch them live."""
+"""Train: start fine-tuning runs live and watch their progress.
+
+Pick a backbone, data and methods, launch runs onto the queue, watch them live.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Compare finished runs: table with seed spreads, Pareto plots, curves, per-class, export."""
+"""Compare: accuracy against parameters, FLOPs and memory; curves, confusion, export.
+
+Finished runs: table with seed spreads, Pareto plots, curves, per-class, export.
+"""
 
 import streamlit as st
 

@@ -1,17 +1,23 @@
-"""Method inspector hub: every registered method in plain words, its cost and its views;
-and a guided tour through one comparison on the cached runs."""
+"""Methods: every method in plain words, its cost, its views, and a guided tour.
+
+The method inspector hub lists every registered method (its view page comes from the
+registry) and walks through one comparison on the cached runs.
+"""
 
 import streamlit as st
 
-from vpeft_viz.analysis.compare import TOUR_METHODS, aggregate, pick_tour_task, tour_steps
+from vpeft_viz.analysis.compare import aggregate
+from vpeft_viz.analysis.tour import TOUR_METHODS, pick_tour_task, tour_steps
+from vpeft_viz.methods import view_pages
 from vpeft_viz.plots.compare import pareto_scatter
-from vpeft_viz.ui.common import METHOD_VIEWS, method_catalogue, page_path, protocol_note
+from vpeft_viz.ui.common import method_catalogue, page_path, protocol_note
 from vpeft_viz.ui.stores import load_run_table
 
 st.set_page_config(page_title="Methods · vpeft-viz", layout="wide")
 st.title("Methods")
 catalogue = method_catalogue()
 by_name = {m["name"]: m for m in catalogue}
+views = view_pages()
 hub, tour = st.tabs(["All methods", "Guided tour"])
 
 with hub:
@@ -38,7 +44,7 @@ with hub:
             links = st.columns([1, 1, 2])
             if m["paper"]:
                 links[0].link_button("Paper", m["paper"])
-            view = METHOD_VIEWS.get(m["name"])
+            view = views.get(m["name"])
             if view and page_path(view):
                 links[1].page_link(page_path(view), label="Open its view",
                                    icon=":material/visibility:")

@@ -1,14 +1,20 @@
-"""SPT: which weights a task needs (sensitivity maps, live re-allocation, two tasks)."""
+"""SPT: sensitivity maps, which weights a task needs.
+
+Sensitivity maps, live re-allocation of the budget, two tasks side by side.
+"""
+
+from pathlib import Path
 
 import streamlit as st
 
 from vpeft_viz.analysis import sensitivity as sens
+from vpeft_viz.methods import get_method_class, methods_with_view
 from vpeft_viz.plots import human_count
 from vpeft_viz.plots import spt as plots
 from vpeft_viz.ui import method_views
 
-METHODS = ("spt-lora", "spt-adapter")
-KIND = {"spt-lora": "lora", "spt-adapter": "adapter"}
+METHODS = methods_with_view(Path(__file__).name)  # from each method's view_page
+KIND = {m: get_method_class(m).kind for m in METHODS}  # which structured module
 
 st.set_page_config(page_title="SPT · vpeft-viz", layout="wide")
 st.title("SPT: sensitivity-aware tuning")

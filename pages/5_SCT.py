@@ -1,12 +1,18 @@
-"""SCT: which channels a task uses (saliency maps, distributions, overlap between tasks)."""
+"""SCT: salient channels, which channels a task uses.
+
+Saliency maps, score distributions, overlap between tasks, class-aware vs plain.
+"""
+
+from pathlib import Path
 
 import streamlit as st
 
 from vpeft_viz.analysis import saliency as sal
+from vpeft_viz.methods import methods_with_view
 from vpeft_viz.plots import sct as plots
 from vpeft_viz.ui import method_views
 
-METHODS = ("sct",)
+METHODS = methods_with_view(Path(__file__).name)  # from each method's view_page
 
 st.set_page_config(page_title="SCT · vpeft-viz", layout="wide")
 st.title("SCT: salient channel tuning")

@@ -22,13 +22,12 @@ from vpeft_viz.analysis.compare import (
     load_runs,
     multi_task_means,
     pareto_front,
-    pick_tour_task,
     read_export_json,
     seed_eval,
     task_group,
-    tour_steps,
 )
 from vpeft_viz.analysis.cost import human_bytes, human_count, percent_of_backbone, ppt_score
+from vpeft_viz.analysis.tour import pick_tour_task, tour_steps
 from vpeft_viz.runs.store import RunStore
 
 GROUPS = {"digits": "natural", "mnist": "natural", "retinopathy": "specialized",
@@ -340,5 +339,10 @@ def test_regenerate_refuses_random_init_unless_quick(tmp_path, monkeypatch) -> N
     assert [r["run_id"] for r in cached.planned_runs(quick=True)][:2] == [
         "digits-linear-s0", "digits-full-s0"]
     assert all(r["epochs"] == 1 for r in cached.planned_runs(quick=True))
-    # 3 tasks × (5 baselines × 2 seeds + 3 slow baselines + 3 inspected methods, 1 seed)
-    assert len(cached.planned_runs()) == 48
+    # every task × every method's declared seeds (today: 3 × (5 × 2 + 6 × 1) = 48)
+    from vpeft_viz.methods import get_method_class, method_names
+
+    per_task = sum(len(get_method_class(m).cached_seeds) for m in method_names())
+    assert len(cached.planned_runs()) == len(cached.TASKS) * per_task
+    assert {r["run_id"] for r in cached.planned_runs()} >= {
+        "count-lora-s1", "count-full-s0", "digits-sct-s0", "retinopathy-spt-adapter-s0"}

@@ -50,25 +50,12 @@ TINY_OVERRIDES: dict[str, dict] = {
     "spt-adapter": {"budget_fraction": 0.2},
 }
 
-# Exact trainable counts on vit_base_patch16_224, head excluded (METHODS.md): one row per
-# method as (name, config overrides, expected). test_vit_b_table_covers_registry asks every
-# registered method for a row here or a reason in VIT_B_UNCOUNTED.
+# Exact trainable counts on vit_base_patch16_224, head excluded, as each method declares them
+# (``vit_b_counts``: settings → count, documented in docs/methods.md). Every registered
+# method must declare a count or say why it has none (``vit_b_uncounted``).
 VIT_B_COUNTS: list[tuple[str, dict, int]] = [
-    ("linear", {}, 0),
-    ("full", {}, 85_798_656),
-    ("bitfit", {}, 102_912),
-    ("lora", {"rank": 8}, 294_912),  # 12 · 2 · (768·8 + 8·768)
-    ("adaptformer", {"rank": 8}, 156_768),  # 12 · (768·8 + 8 + 8·768 + 768)
-    ("ssf", {}, 205_824),  # 12 · 2 · 8448 + 2 · 1536
-    ("vpt-deep", {"num_tokens": 50}, 460_800),  # 12 · 768 · 50
-    ("vpt-shallow", {"num_tokens": 50}, 38_400),  # 768 · 50
-    ("sct", {}, 111_744),  # K = 768/8 = 96: 12 · (96² + 96)
-]
-# Methods without a fixed ViT-B count, and why (each needs its own test elsewhere).
-VIT_B_UNCOUNTED: dict[str, str] = {
-    "spt-lora": "the count is a budget reached from data-dependent sensitivities",
-    "spt-adapter": "the count is a budget reached from data-dependent sensitivities",
-}
+    (name, dict(settings), count) for name in method_names()
+    for settings, count in get_method_class(name).vit_b_counts]
 VIT_B_HEAD_100 = 768 * 100 + 100  # a 100-class head adds 76,900 trainable weights
 
 CPU = torch.device("cpu")
@@ -384,9 +371,12 @@ def vit_b() -> VisionTransformer:
     return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0).eval()
 
 
-def test_vit_b_table_covers_registry():
-    missing = sorted(set(METHODS) - {row[0] for row in VIT_B_COUNTS} - set(VIT_B_UNCOUNTED))
-    assert not missing, f"add the METHODS.md counts of {missing} to VIT_B_COUNTS"
+def test_every_method_declares_its_vit_b_count():
+    for name in METHODS:
+        cls = get_method_class(name)
+        assert bool(cls.vit_b_counts) != bool(cls.vit_b_uncounted), (
+            f"{name}: declare vit_b_counts (settings, exact count on vit_base_patch16_224) "
+            "or, only when the count depends on data, a reason in vit_b_uncounted")
 
 
 @pytest.mark.parametrize(("name", "overrides", "expected"), VIT_B_COUNTS,

@@ -77,16 +77,6 @@ def text(at: AppTest) -> str:
     return "\n".join(str(e.value) for k in kinds for e in getattr(at, k))
 
 
-@pytest.mark.parametrize(("name", "what", "method"), [("4_SPT.py", "SPT", "spt-lora"),
-                                                     ("5_SCT.py", "SCT", "sct")])
-def test_page_without_runs(name, what, method, stores):
-    at = page(name)
-    assert not at.exception
-    body = text(at)
-    assert f"No finished {what} runs yet" in body
-    assert f"python -m vpeft_viz train --method {method}" in body
-
-
 def test_spt_page_with_runs(with_runs):
     at = page("4_SPT.py")
     assert not at.exception

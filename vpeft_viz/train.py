@@ -21,7 +21,17 @@ import torch
 from torch import nn
 
 from .config import Config, ConfigError, param
-from .methods import PeftMethod
+from .methods import PeftMethod, get_method_class, method_names
+
+
+def _default_lrs() -> str:
+    """The registered methods' default learning rates, for the ``lr`` help text."""
+    by_lr: dict[float, list[str]] = {}
+    for name in method_names():
+        by_lr.setdefault(get_method_class(name).default_lr, []).append(name)
+    common = max(by_lr, key=lambda lr: len(by_lr[lr]))
+    others = [f"{lr:g} for {', '.join(names)}" for lr, names in by_lr.items() if lr != common]
+    return "; ".join([f"{common:g} for most methods", *others])
 
 
 @dataclass
@@ -33,9 +43,7 @@ class TrainConfig(Config):
     epochs: int = param(10, "Passes over the training split.", min=1, max=1000)
     batch_size: int = param(64, "Training images per step.", min=1, max=4096)
     lr: float | None = param(None, "Peak learning rate; empty uses the method's default "
-                             "(1e-3 for PEFT methods, 1e-2 for a linear probe, 1e-4 for "
-                             "full fine-tuning).",
-                             min=0.0, max=10.0)
+                             f"({_default_lrs()}).", min=0.0, max=10.0)
     weight_decay: float = param(1e-4, "Decoupled weight decay (AdamW) or L2 (SGD).",
                                 min=0.0, max=1.0)
     optimizer: str = param("adamw", "Optimiser.", choices=("adamw", "sgd"))

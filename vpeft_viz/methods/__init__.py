@@ -1,4 +1,9 @@
-"""PEFT methods behind a registry; one file per method.
+"""PEFT methods behind a registry; one file (or package) per method.
+
+A method declares what the lab needs to know about it on its class (``view_page``,
+``cached_seeds``, ``vit_b_counts``; see :class:`PeftMethod`): the methods hub, the shipped
+cached runs and the count tests are derived from the registry, so adding a method means its
+own files plus one import below.
 
 ``attach_method(model, method)`` is the one way a method is put on a backbone: it freezes
 everything, lets the method insert its modules, then unfreezes exactly the method's own
@@ -23,13 +28,16 @@ from ._registry import (
     create_method,
     get_method_class,
     method_names,
+    methods_with_view,
     register_method,
+    view_pages,
 )
 
 __all__ = [
     "MethodConfig", "NotMergeableError", "PeftMethod", "PeftModule", "UnknownMethodError",
     "attach_method", "count_parameters", "create_method", "get_method_class", "head_parameters",
-    "method_names", "peft_modules", "register_method", "trainable_state",
+    "method_names", "methods_with_view", "peft_modules", "register_method", "trainable_state",
+    "view_pages",
 ]
 
 

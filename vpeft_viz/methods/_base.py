@@ -65,7 +65,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 class PeftMethod:
     """A PEFT method: how it attaches, what it trains, whether it merges.
 
-    Life cycle, driven by :func:`vpeft_viz.methods.apply_method`:
+    Life cycle, driven by :func:`vpeft_viz.methods.attach_method` and the run engine:
     ``prepare`` (data-dependent selection, optional) → ``attach`` → training → ``merge``
     (optional) and ``artifacts`` (what the method computed, for its views).
     """
@@ -80,6 +80,18 @@ class PeftMethod:
     needs_data: ClassVar[bool] = False  # prepare() must see training images
     trains_backbone: ClassVar[bool] = False  # full fine-tuning
     default_lr: ClassVar[float] = 1e-3
+
+    # -- what the lab needs to know (every per-method list is derived from these) -------
+    # The page under pages/ that shows what this method computed (its own view), if any.
+    view_page: ClassVar[str | None] = None
+    # Seeds of this method in the shipped cached_runs/ store, on each of its tasks (see
+    # vpeft_viz/runs/cached.py); empty: not shipped.
+    cached_seeds: ClassVar[tuple[int, ...]] = (0, 1)
+    # Exact trainable parameters (head excluded) on timm's vit_base_patch16_224, as
+    # (settings, count) pairs that tests and docs/methods.md check; empty with a reason in
+    # vit_b_uncounted when the count depends on data.
+    vit_b_counts: ClassVar[tuple[tuple[dict[str, Any], int], ...]] = ()
+    vit_b_uncounted: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.Config()

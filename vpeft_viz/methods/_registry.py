@@ -60,3 +60,14 @@ def create_method(name: str, config: MethodConfig | dict[str, Any] | None = None
     elif not isinstance(config, cls.Config):
         raise TypeError(f"{name} expects a {cls.Config.__name__}, got {type(config).__name__}")
     return cls(config)
+
+
+def view_pages() -> dict[str, str]:
+    """Method name → the page (file under ``pages/``) that shows its own view, in listing
+    order; methods without a view are left out."""
+    return {n: _METHODS[n].view_page for n in method_names() if _METHODS[n].view_page}
+
+
+def methods_with_view(page: str) -> tuple[str, ...]:
+    """The methods a view page shows (``page`` is its file name, e.g. ``"4_SPT.py"``)."""
+    return tuple(n for n, file in view_pages().items() if file == page)

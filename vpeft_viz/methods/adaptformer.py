@@ -44,6 +44,7 @@ class ParallelAdapterBlock(BlockWrapper):
 class AdaptFormer(PeftMethod):
     Config = AdaptFormerConfig
     title = "AdaptFormer"
+    vit_b_counts = (({"rank": 8}, 156_768),)  # 12 · (768·r + r + r·768 + 768)
     summary = ("Add a small bottleneck network beside every MLP; its output is scaled "
                "and added to the residual stream.")
     paper = "https://arxiv.org/abs/2205.13535"

@@ -26,6 +26,7 @@ class LinearConfig(MethodConfig):
 class LinearProbe(PeftMethod):
     Config = LinearConfig
     title = "Linear probe"
+    vit_b_counts = (({}, 0),)
     summary = "Freeze the whole backbone and train only a new classifier on its features."
     mergeable = True
     # A fresh head on frozen features takes a larger step: on 4 embedded tasks (validation,
@@ -57,6 +58,8 @@ class FullConfig(MethodConfig):
 class FullFineTune(PeftMethod):
     Config = FullConfig
     title = "Full fine-tune"
+    cached_seeds = (0,)  # the slowest baseline: one seed keeps regeneration short
+    vit_b_counts = (({}, 85_798_656),)  # every backbone weight of ViT-B/16
     summary = "Update every weight of the backbone: the reference PEFT methods try to match."
     mergeable = True
     trains_backbone = True
@@ -81,6 +84,7 @@ class BitFitConfig(MethodConfig):
 class BitFit(PeftMethod):
     Config = BitFitConfig
     title = "BitFit"
+    vit_b_counts = (({}, 102_912),)  # every bias of the backbone
     summary = "Train only the bias vectors of the backbone (about 0.1% of its weights)."
     paper = "https://arxiv.org/abs/2106.10199"
     mergeable = True

@@ -89,6 +89,7 @@ class LoRAQKV(PeftModule):
 class LoRA(PeftMethod):
     Config = LoRAConfig
     title = "LoRA"
+    vit_b_counts = (({"rank": 8}, 294_912),)  # 12 · 2 · (768·r + r·768)
     summary = ("Add a trainable low-rank update B·A beside the frozen query and value "
                "projections; it folds back into the weights after training.")
     paper = "https://arxiv.org/abs/2106.09685"

@@ -84,6 +84,9 @@ class SalientChannelBlock(BlockWrapper):
 class SCT(PeftMethod):
     Config = SCTConfig
     title = "SCT"
+    view_page = "5_SCT.py"
+    cached_seeds = (0,)
+    vit_b_counts = (({}, 111_744),)  # K = 768/8 = 96: 12 · (96² + 96)
     summary = ("Find the channels each block uses most for the task's classes and train a "
                "small K×K layer that mixes only those channels.")
     paper = "https://arxiv.org/abs/2309.08513"

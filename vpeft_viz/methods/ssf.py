@@ -99,6 +99,7 @@ def _fold(ss: ScaleShift, target: nn.Module) -> None:
 class SSF(PeftMethod):
     Config = SSFConfig
     title = "SSF"
+    vit_b_counts = (({}, 205_824),)  # 12 · 2 · (768+2304+768+3072+768+768) + 2 · 1536
     summary = ("Learn a per-channel scale and shift after every operation; they fold back "
                "into the weights, so inference costs nothing extra.")
     paper = "https://arxiv.org/abs/2210.08823"

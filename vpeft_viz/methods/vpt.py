@@ -103,6 +103,8 @@ class VPTDeepConfig(VPTConfig):
 class VPTShallow(_VPT):
     Config = VPTShallowConfig
     title = "VPT-shallow"
+    cached_seeds = (0,)
+    vit_b_counts = (({"num_tokens": 50}, 38_400),)  # 768 · p
     summary = "Prepend learnable prompt tokens to the input sequence of the frozen ViT."
     paper = "https://arxiv.org/abs/2203.12119"
 
@@ -111,6 +113,8 @@ class VPTShallow(_VPT):
 class VPTDeep(_VPT):
     Config = VPTDeepConfig
     title = "VPT-deep"
+    cached_seeds = (0,)
+    vit_b_counts = (({"num_tokens": 50}, 460_800),)  # 12 · 768 · p
     summary = "Give every transformer layer its own learnable prompt tokens."
     paper = "https://arxiv.org/abs/2203.12119"
     deep = True

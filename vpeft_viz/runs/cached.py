@@ -26,32 +26,35 @@ from typing import Any
 from . import CACHED_STORE
 from .store import RunStore, atomic_write_bytes, atomic_write_json
 
-# (method, embedded task, seeds, epochs) — the whole shipped set.
-BASELINES = ("linear", "full", "bitfit", "vpt-shallow", "vpt-deep", "lora", "adaptformer", "ssf")
+# The whole shipped set: every registered method, with the seeds its class declares
+# (``cached_seeds``: two for the baselines; one for the slowest ones — whole-backbone
+# gradients, long prompt sequences — and for the methods with their own view), on one
+# embedded task per VTAB group, each for EPOCHS epochs.
 TASKS = ("digits", "retinopathy", "count")  # natural, specialized, structured
-SEEDS = (0, 1)
-# The slowest baselines (whole-backbone gradients, long prompt sequences) and the methods
-# with their own inspector views (SPT sensitivity, SCT channels) get one seed, to keep
-# regeneration near half an hour on two CPU cores.
-ONE_SEED = ("full", "vpt-shallow", "vpt-deep")
-INSPECTED = ("spt-lora", "spt-adapter", "sct")
 EPOCHS = 10
-RECIPE: tuple[tuple[str, str, tuple[int, ...], int], ...] = tuple(
-    (method, task, SEEDS[:1] if method in ONE_SEED else SEEDS, EPOCHS)
-    for task in TASKS for method in BASELINES) + tuple(
-    (method, task, SEEDS[:1], EPOCHS) for task in TASKS for method in INSPECTED)
+
+
+def default_recipe() -> tuple[tuple[str, str, tuple[int, ...], int], ...]:
+    """(method, embedded task, seeds, epochs) for every run of the shipped store, derived from
+    the method registry (a method with no ``cached_seeds`` is not shipped)."""
+    from ..methods import get_method_class, method_names
+
+    seeds = {m: tuple(get_method_class(m).cached_seeds) for m in method_names()}
+    return tuple((m, task, seeds[m], EPOCHS) for task in TASKS for m in seeds if seeds[m])
+
+
 WEIGHT_LIMIT_BYTES = 1_000_000
 COMMAND = "python -m vpeft_viz cache-runs"
 
 Progress = Callable[[int, int, str], None]  # (runs finished, runs planned, message)
 
 
-def planned_runs(recipe: Sequence[tuple[str, str, Sequence[int], int]] = RECIPE, *,
+def planned_runs(recipe: Sequence[tuple[str, str, Sequence[int], int]] | None = None, *,
                  quick: bool = False) -> list[dict[str, Any]]:
     """One entry per run: method, task, seed, epochs and its deterministic run id.
     ``quick`` keeps the first seed and one epoch (to check the recipe end to end)."""
     out = []
-    for method, task, seeds, epochs in recipe:
+    for method, task, seeds, epochs in (default_recipe() if recipe is None else recipe):
         for seed in (seeds[:1] if quick else seeds):
             out.append({"method": method, "task": task, "seed": int(seed),
                         "epochs": 1 if quick else int(epochs),
@@ -82,7 +85,8 @@ def _finished(store: RunStore, spec: dict[str, Any], pretrained: bool) -> bool:
 
 
 def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progress | None = None,
-               recipe: Sequence[tuple[str, str, Sequence[int], int]] = RECIPE) -> dict[str, Any]:
+               recipe: Sequence[tuple[str, str, Sequence[int], int]] | None = None
+               ) -> dict[str, Any]:
     """Run ``recipe`` into a fresh store at ``out`` (replacing it at the end); returns the
     manifest written to ``out/manifest.json``.
 
@@ -93,6 +97,7 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
     from ..backbones import EMBEDDED_WEIGHTS
     from .execute import execute_run, versions
 
+    recipe = default_recipe() if recipe is None else recipe
     pretrained = EMBEDDED_WEIGHTS.is_file()
     if not pretrained and not quick:
         raise RuntimeError(f"embedded backbone weights missing at {EMBEDDED_WEIGHTS}; cached "
@@ -147,19 +152,32 @@ def _swap_in(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-README = f"""# cached_runs/ — the shipped run store
+def readme() -> str:
+    """The store's README.md, describing the recipe it was generated from."""
+    from ..methods import get_method_class
 
-A read-only store of finished runs in the run-directory format (see
-`vpeft_viz/runs/store.py`), shipped so the dashboard has something to compare the moment it
-opens. Regenerate it from the repository root with
+    by_seeds: dict[tuple[int, ...], list[str]] = {}
+    for method, _task, seeds, _epochs in default_recipe():
+        names = by_seeds.setdefault(tuple(seeds), [])
+        if method not in names:
+            names.append(method)
+    methods = "; ".join(
+        f"{', '.join(names)} with seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))}"
+        for s, names in by_seeds.items())
+    views = sorted({m for names in by_seeds.values() for m in names
+                    if get_method_class(m).view_page})
+    return f"""# cached_runs/ — the shipped run store
+
+A read-only store of finished runs in the run-directory format (see `docs/run-store.md`),
+shipped so the dashboard has something to compare the moment it opens. Regenerate it from
+the repository root with
 
     {COMMAND}        # or: make cached-runs
 
-which runs the recipe in `vpeft_viz/runs/cached.py`:
+which runs the recipe in `vpeft_viz/runs/cached.py`, derived from each method's
+`cached_seeds`:
 
-- methods: {", ".join(m for m in BASELINES if m not in ONE_SEED)} with seeds
-  {", ".join(map(str, SEEDS))}; {", ".join(ONE_SEED)} (the slowest) and {", ".join(INSPECTED)}
-  (for their inspector pages) with seed {SEEDS[0]};
+- methods: {methods} (the methods with their own view: {", ".join(views)});
 - tasks: {", ".join(TASKS)} (embedded; one per VTAB group: natural, specialized, structured);
 - {EPOCHS} epochs each, default training recipe and method settings;
 - the embedded backbone with its shipped weights.
@@ -178,7 +196,7 @@ interrupted regeneration resumes. `--quick` (first seed, one epoch) checks the r
 
 
 def write_readme(out: Path) -> None:
-    atomic_write_bytes(Path(out) / "README.md", README.encode())
+    atomic_write_bytes(Path(out) / "README.md", readme().encode())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

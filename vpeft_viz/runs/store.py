@@ -1,4 +1,4 @@
-"""Run store: one self-contained directory per run (contract, see DESIGN.md "Runs").
+"""Run store: one self-contained directory per run (contract, see docs/run-store.md).
 
 ::
 
@@ -9,7 +9,9 @@
         summary.json         final headline numbers (written once, at the end)
         weights.safetensors  trainable weights (and PEFT buffers) only
         method_state.json    what the method computed before training (selections), to rebuild it
-        artifacts/           method analysis outputs: *.json and *.npz (never pickle)
+        artifacts/           method analysis outputs: *.json and *.npz (never pickle);
+                             eval.json: class names, test confusion, per-class accuracy
+        error.txt            the traceback of a failed run (its status holds the message)
         cancel               present when a cancel was requested
 
 Every file is written atomically (temp file in the same directory, then ``os.replace``), so a

@@ -6,6 +6,7 @@ Everything slow (torch/timm imports, building a backbone to count parameters) si
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import re
@@ -19,22 +20,26 @@ from ..analysis.compare import PROTOCOL_NOTE
 from ..runs import REPO_ROOT
 
 PAGES_DIR = REPO_ROOT / "pages"
-# One line per page for the home page; pages not listed here still appear, with no blurb.
-PAGE_BLURBS = {
-    "Train": "start fine-tuning runs live and watch their progress",
-    "Compare": "accuracy against parameters, FLOPs and memory; curves, confusion, export",
-    "Methods": "every method in plain words, its cost, its views, and a guided tour",
-    "SPT": "SPT sensitivity maps: which weights a task needs",
-    "SCT": "SCT salient channels: which channels a task uses",
-}
-# A method's own view page (pages/<file>), linked from the Methods hub when the file exists.
-METHOD_VIEWS = {"spt-lora": "4_SPT.py", "spt-adapter": "4_SPT.py", "sct": "5_SCT.py"}
 
 
 # -- pages --------------------------------------------------------------------------------
 def page_files() -> list[Path]:
     """Every page script, ``pages/*.py`` in file-name order (new pages appear by themselves)."""
     return sorted(p for p in PAGES_DIR.glob("*.py") if not p.name.startswith("_"))
+
+
+def page_blurb(path: Path) -> str | None:
+    """The first line of a page's docstring, for the home page's list of pages (a page
+    describes itself: nothing to register). ``"SPT: which weights…"`` → ``"which weights…"``."""
+    try:
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    if not doc:
+        return None
+    first = doc.strip().splitlines()[0].strip().rstrip(".")
+    prefix = f"{page_title(path)}:"
+    return first[len(prefix):].strip() if first.startswith(prefix) else first
 
 
 def page_title(path: Path) -> str:

@@ -164,6 +164,9 @@ class SPTLoRA(_SPT):
     Config = SPTLoRAConfig
     kind = "lora"
     title = "SPT-LoRA"
+    view_page = "4_SPT.py"
+    cached_seeds = (0,)
+    vit_b_uncounted = "the count is a budget reached from data-dependent sensitivities"
     summary = ("Score every weight by its squared gradient on the task, then tune the most "
                "sensitive ones: LoRA on matrices with many of them, single entries elsewhere.")
     mergeable = True
@@ -184,6 +187,9 @@ class SPTAdapter(_SPT):
     Config = SPTAdapterConfig
     kind = "adapter"
     title = "SPT-Adapter"
+    view_page = "4_SPT.py"
+    cached_seeds = (0,)
+    vit_b_uncounted = "the count is a budget reached from data-dependent sensitivities"
     summary = ("Score every weight by its squared gradient on the task, then tune the most "
                "sensitive ones: an adapter after matrices with many of them, single entries "
                "elsewhere.")

@@ -1,0 +1,83 @@
+"""What the lab derives from the method registry, checked for every registered method.
+
+A method declares its view page, its shipped cached runs and its ViT-B count on its class;
+the methods hub, the home page, the cached-runs recipe and the count tests are derived from
+those declarations. These tests are parametrised over the registry, so a new method with a
+page is covered with no new test code: its page must exist, open without runs, say how to
+get one, and be linked from the hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import vpeft_viz.runs as run_stores
+from vpeft_viz.methods import get_method_class, method_names, methods_with_view, view_pages
+from vpeft_viz.runs import cached, queue
+from vpeft_viz.ui.common import PAGES_DIR, page_blurb, page_files, page_title
+
+TIMEOUT = 180
+VIEW_PAGES = sorted(set(view_pages().values()))
+
+
+@pytest.fixture
+def empty_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("VPEFT_VIZ_RUNS", str(tmp_path / "user"))
+    monkeypatch.setenv("VPEFT_VIZ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(run_stores, "CACHED_STORE", tmp_path / "cached")
+    monkeypatch.setattr(queue, "ensure_worker", lambda store: [])
+    return tmp_path
+
+
+def test_view_pages_exist_and_list_their_methods():
+    assert VIEW_PAGES, "no method declares a view page"
+    for name, page in view_pages().items():
+        assert (PAGES_DIR / page).is_file(), f"{name} declares view_page {page!r}, not in pages/"
+        assert name in methods_with_view(page)
+    assert set(view_pages()) <= set(method_names())
+
+
+@pytest.mark.parametrize("page", VIEW_PAGES)
+def test_view_page_without_runs_says_how_to_get_one(page, empty_stores):
+    at = AppTest.from_file(str(PAGES_DIR / page), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    body = "\n".join(str(e.value) for k in ("markdown", "caption", "info", "warning")
+                     for e in getattr(at, k))
+    assert f"No finished {page_title(PAGES_DIR / page)} runs yet" in body
+    offered = body + "".join(str(s.options) for s in at.selectbox)
+    for method in methods_with_view(page):
+        assert method in offered, f"{page} offers no way to start a {method} run"
+    assert f"python -m vpeft_viz train --method {methods_with_view(page)[0]}" in body
+
+
+def test_every_page_describes_itself_for_the_home_page():
+    for path in page_files():
+        blurb = page_blurb(path)
+        assert blurb and not blurb.startswith(page_title(path)), path.name
+
+
+def test_cached_recipe_is_derived_from_each_methods_seeds():
+    recipe = cached.default_recipe()
+    shipped = {m for m, *_ in recipe}
+    for name in method_names():
+        seeds = get_method_class(name).cached_seeds
+        assert (name in shipped) == bool(seeds)
+        for method, _task, got, epochs in recipe:
+            if method == name:
+                assert tuple(got) == tuple(seeds) and epochs == cached.EPOCHS
+    # every method with a view is shipped, so its page opens on real runs
+    assert set(view_pages()) <= shipped
+    assert {t for _, t, *_ in recipe} == set(cached.TASKS)
+
+
+def test_learning_rate_help_is_derived_from_the_methods():
+    from dataclasses import fields
+
+    from vpeft_viz.train import TrainConfig
+
+    (lr,) = [f for f in fields(TrainConfig) if f.name == "lr"]
+    for name in method_names():
+        assert f"{get_method_class(name).default_lr:g}" in lr.metadata["help"]

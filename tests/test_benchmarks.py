@@ -1,0 +1,40 @@
+"""The GPU benchmark suite's CPU smoke configuration: every registered method runs through
+the engine, the plain reference loop and the FLOP counter (the figures mean nothing here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from vpeft_viz.methods import method_names
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def gpu_suite():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("gpu_suite", BENCH / "gpu_suite.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_smoke_configuration_covers_every_method(gpu_suite):
+    result = gpu_suite.run(gpu_suite.parse(["--smoke"]))
+    assert result["device"] == "cpu" and result["img_size"] == 32
+    assert [r["method"] for r in result["rows"]] == method_names()
+    for row in result["rows"]:
+        assert row["engine_images_per_s"] > 0 and row["plain_images_per_s"] > 0
+        assert row["step_flops"] > 0 and math.isfinite(row["engine_vs_plain"])
+        assert row["mfu"] is None  # no bf16 peak on a CPU
+    # full fine-tuning computes weight gradients of the whole backbone: more FLOPs per step
+    flops = {r["method"]: r["step_flops"] for r in result["rows"]}
+    assert flops["full"] > flops["lora"] > 0

@@ -61,7 +61,9 @@ VIT_B_COUNTS: list[tuple[str, dict, int]] = [
     ("adaptformer", {"rank": 8}, 156_768),  # 12 · (768·8 + 8 + 8·768 + 768)
     ("ssf", {}, 205_824),  # 12 · 2 · 8448 + 2 · 1536
     ("vpt-deep", {"num_tokens": 50}, 460_800),  # 12 · 768 · 50
+    ("vpt-deep", {}, 92_160),  # default p = 10: 12 · 768 · 10
     ("vpt-shallow", {"num_tokens": 50}, 38_400),  # 768 · 50
+    ("vpt-shallow", {}, 7_680),  # default p = 10: 768 · 10
     ("sct", {}, 111_744),  # K = 768/8 = 96: 12 · (96² + 96)
 ]
 # Methods without a fixed ViT-B count, and why (each needs its own test elsewhere).

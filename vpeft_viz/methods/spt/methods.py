@@ -220,7 +220,7 @@ class SPTAdapter(_SPT):
     kind = "adapter"
     title = "SPT-Adapter"
     summary = ("Score every weight by its squared gradient on the task, then tune the most "
-               "sensitive ones: an adapter after matrices with many of them, single entries "
+               "sensitive ones: an adapter on matrices with many of them, single entries "
                "elsewhere.")
 
     def adapter_on_proj_input(self) -> bool:

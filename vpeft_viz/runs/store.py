@@ -1,4 +1,4 @@
-"""Run store: one self-contained directory per run (contract, see DESIGN.md "Runs").
+"""Run store: one self-contained directory per run (format: docs/run-store.md).
 
 ::
 

@@ -1,4 +1,4 @@
-"""Command-line contract (DESIGN.md): methods, params, train, runs; one-line errors."""
+"""Command-line contract (docs/cli.md): methods, params, train, runs; one-line errors."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -39,11 +40,17 @@ def data(n: int = 24, classes: int = 5, seed: int = 0) -> TensorDataset:
 
 
 def reference_sensitivity(model: nn.Module, dataset: TensorDataset, *, batches: int,
-                          batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """The definition, written plainly: fresh head, train mode, s += (∂L/∂w)² per batch."""
-    work = copy.deepcopy(model)
+                          batch_size: int, seed: int, drop_path: float = 0.1,
+                          ) -> dict[str, torch.Tensor]:
+    """The definition, written plainly as the release runs it: a ViT built with timm's own
+    ``drop_path_rate`` (its stochastic-depth rule), the same weights, a fresh head with
+    trunc-normal(0.02) weight and zero bias, train mode, s += (∂L/∂w)² per batch."""
+    work = VisionTransformer(**TINY, drop_path_rate=drop_path)
+    work.load_state_dict(model.state_dict())
     torch.manual_seed(seed)
     work.reset_classifier(work.num_classes)
+    nn.init.trunc_normal_(work.head.weight, std=0.02)
+    nn.init.zeros_(work.head.bias)
     work.train()
     total: dict[str, torch.Tensor] = {}
     images, labels = dataset.tensors
@@ -81,6 +88,45 @@ def test_sensitivity_matches_plain_reference():
         torch.testing.assert_close(scores[name], ref, rtol=1e-5, atol=1e-12, msg=name)
     assert (info.batches, info.batch_size, info.images, info.seed) == (3, 8, 24, 7)
     assert info.order == "file order"
+    assert info.head_init == "trunc_normal(std=0.02) weight, zero bias"
+    assert info.drop_path == 0.1 and info.drop_path_per_block == [0.0, 0.1]
+
+
+def test_sensitivity_drop_path_is_active_and_changes_the_scores():
+    """Drop-path really fires in the scoring pass (train mode): the scores differ from a pass
+    without it, and match the reference without it when it is 0."""
+    model, ds = tiny(), data(24)
+    loader = DataLoader(ds, batch_size=8)
+    with_dp, _ = spt.compute_sensitivity(model, loader, batches=3, batch_size=8, seed=3)
+    without, info = spt.compute_sensitivity(model, loader, batches=3, batch_size=8, seed=3,
+                                            drop_path=0.0)
+    assert info.drop_path_per_block == [0.0, 0.0]
+    key = "blocks.0.mlp.fc2.weight"
+    assert not torch.allclose(with_dp[key], without[key])
+    expected = reference_sensitivity(model, ds, batches=3, batch_size=8, seed=3, drop_path=0.0)
+    torch.testing.assert_close(without[key], expected[key], rtol=1e-5, atol=1e-12)
+
+
+def test_sensitivity_head_is_trunc_normal_not_timm_default():
+    """With drop-path off, the only randomness is the head: the scores equal the reference's
+    trunc-normal head and differ from a timm-default head (Kaiming uniform, uniform bias)."""
+    model, ds = tiny(), data(16)
+    got, _ = spt.compute_sensitivity(model, DataLoader(ds, batch_size=8), batches=2,
+                                     batch_size=8, seed=5, drop_path=0.0)
+    work = copy.deepcopy(model)
+    torch.manual_seed(5)
+    work.reset_classifier(work.num_classes)  # timm's default init, no trunc-normal
+    work.train()
+    x, y = ds.tensors
+    timm_head = 0
+    for b in range(2):
+        work.zero_grad()
+        nn.functional.cross_entropy(work(x[8 * b:8 * b + 8]), y[8 * b:8 * b + 8]).backward()
+        timm_head = timm_head + work.blocks[1].mlp.fc2.weight.grad ** 2
+    key = "blocks.1.mlp.fc2.weight"
+    ref = reference_sensitivity(model, ds, batches=2, batch_size=8, seed=5, drop_path=0.0)
+    torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-12)
+    assert not torch.allclose(got[key], timm_head, rtol=1e-2)
 
 
 def test_sensitivity_leaves_model_alone_and_counts_images():
@@ -231,7 +277,7 @@ def manual_state(model: nn.Module, structured: list[str], sparse: dict[str, list
 
 
 def test_vit_b_structured_costs_and_count():
-    """METHODS.md §3 on ViT-B/16: LoRA r=8 costs 12,288 on 768×768 and 30,720 on fc1/fc2;
+    """docs/methods.md (SPT) on ViT-B/16: LoRA r=8 costs 12,288 on 768×768 and 30,720 on fc1/fc2;
     the adapter 768·8·2 + 8 + 768 on q and 3072·8·2 + 8 + 3072 on fc1; CLS adds 768."""
     torch.manual_seed(0)
     vit_b = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
@@ -285,7 +331,7 @@ def test_gradients_only_at_chosen_entries():
 def test_spt_lora_merge_is_exact_with_every_kind_of_delta():
     model = tiny()
     plain = copy.deepcopy(model)
-    method = create_method("spt-lora")
+    method = create_method("spt-lora", {"sparse_layernorm": True})  # sparse LN deltas too
     method.load_state(manual_state(
         model, ["blocks.0.attn.q.weight", "blocks.0.attn.v.weight", "blocks.1.mlp.fc2.weight"],
         {"blocks.0.attn.k.weight": [1, 2, 3], "blocks.1.attn.proj.weight": [0, 47, 100],
@@ -304,6 +350,125 @@ def test_spt_lora_merge_is_exact_with_every_kind_of_delta():
         plain.load_state_dict(merged.state_dict(), strict=True)
         assert (plain(x) - expected).abs().max() < 1e-4
         assert (plain.cls_token - model.cls_token).abs().max() > 1e-3  # the CLS delta folded
+
+
+def test_layernorm_sparse_entries_are_counted_but_never_trained_by_default():
+    """The release: sparse deltas only in linear layers; a LayerNorm vector tuned whole is
+    trained; sparse LayerNorm entries count in the budget but stay frozen."""
+    sparse = {"blocks.0.norm1.weight": [1, 4], "norm.bias": [0, 9, 11],
+              "blocks.1.mlp.fc1.weight": [3, 50]}
+    for flag, trained_ln in ((False, set()), (True, {"blocks.0.norm1", "norm"})):
+        model = tiny()
+        method = create_method("spt-lora", {"sparse_layernorm": flag})
+        method.load_state(manual_state(model, [], sparse, ["blocks.1.norm2.weight"]))
+        attach_method(model, method)
+        tuned = {n for n, m in model.named_modules() if isinstance(m, spt.SPTLayerNorm)}
+        assert tuned == trained_ln | {"blocks.1.norm2"}
+        assert isinstance(model.get_submodule("blocks.1.norm2"), spt.SPTLayerNorm)
+        if not flag:  # untouched: still timm's frozen LayerNorm
+            assert not any(p.requires_grad for p in model.blocks[0].norm1.parameters())
+            assert not any(p.requires_grad for p in model.norm.parameters())
+        # the whole norm2 weight (48) trains; 2 + 3 sparse entries only with the flag
+        ln_trained = sum(p.numel() for n in tuned
+                         for p in model.get_submodule(n).parameters() if p.requires_grad)
+        assert ln_trained == 48 + (5 if flag else 0)
+
+
+def test_prepare_state_separates_counted_and_trained_layernorm_entries():
+    model = tiny()
+    loader = DataLoader(data(16), batch_size=8)
+    kw = {"budget_fraction": 0.2, "sensitivity_batches": 1, "sensitivity_batch_size": 8}
+    method = create_method("spt-lora", kw)
+    method.prepare(model, loader, device=CPU)
+    budget = method.state()["budget"]
+    assert budget["frozen_layernorm"] > 0  # this budget selects sparse LayerNorm entries
+    assert budget["trained"] == budget["used"] - budget["frozen_layernorm"]
+    trained = copy.deepcopy(model)
+    attach_method(trained, method)
+    assert method.num_trainable(trained) == budget["trained"]
+    opt_in = create_method("spt-lora", {**kw, "sparse_layernorm": True})
+    opt_in.prepare(model, loader, device=CPU)
+    b2 = opt_in.state()["budget"]
+    assert b2["frozen_layernorm"] == 0 and b2["trained"] == b2["used"] == budget["used"]
+    attach_method(model, opt_in)
+    assert opt_in.num_trainable(model) == b2["used"]
+
+
+def _perturb(module: nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_structured_modules_have_drop_path_active_only_in_training():
+    model = tiny()
+    method = create_method("spt-lora", {"dropout": 0.0})
+    method.load_state(manual_state(model, ["blocks.0.mlp.fc1.weight"], {}, []))
+    attach_method(model, method)
+    fc1 = vit_blocks(model)[0].mlp.fc1
+    assert isinstance(fc1.drop_path, DropPath) and fc1.drop_path.drop_prob == 0.1
+    _perturb(fc1)
+    x = torch.randn(64, 5, 48)
+    with torch.no_grad():
+        base = fc1.base_layer(x)
+        delta = (x @ fc1.lora_A["fc1"].T) @ fc1.lora_B["fc1"].T
+        assert torch.allclose(fc1.eval()(x), base + delta, atol=1e-5)  # eval: no drop-path
+        torch.manual_seed(0)
+        out = fc1.train()(x)
+    kept = [torch.allclose(out[i], base[i] + delta[i] / 0.9, atol=1e-5) for i in range(64)]
+    dropped = [torch.allclose(out[i], base[i], atol=1e-6) for i in range(64)]
+    assert all(k or d for k, d in zip(kept, dropped))  # per sample: whole delta or none
+    assert any(dropped) and any(kept)
+    off = create_method("spt-lora", {"drop_path": 0.0})
+    off.load_state(manual_state(model, ["blocks.0.mlp.fc1.weight"], {}, []))
+    plain = tiny()
+    attach_method(plain, off)
+    assert isinstance(vit_blocks(plain)[0].mlp.fc1.drop_path, nn.Identity)
+
+
+def test_lora_on_proj_gets_the_undropped_input():
+    """The release drops the input of q/k/v/fc1/fc2's LoRA (rate 0.1), not proj's."""
+    model = tiny()
+    method = create_method("spt-lora", {"dropout": 0.5, "drop_path": 0.0})
+    method.load_state(manual_state(model, ["blocks.0.attn.proj.weight",
+                                           "blocks.0.attn.q.weight"], {}, []))
+    attach_method(model, method)
+    blk = vit_blocks(model)[0]
+    proj, qkv = blk.attn.proj, blk.attn.qkv
+    assert proj.dropout.p == 0.0 and qkv.dropout.p == 0.5
+    _perturb(proj)
+    x = torch.randn(2, 17, 48)
+    with torch.no_grad():
+        expected = proj.base_layer(x) + (x @ proj.lora_A["proj"].T) @ proj.lora_B["proj"].T
+        assert torch.allclose(proj.train()(x), expected, atol=1e-5)  # training, yet no dropout
+
+
+def test_adapter_on_proj_is_parallel_on_its_input_by_default():
+    model = tiny()
+    method = create_method("spt-adapter", {"drop_path": 0.0})
+    assert method.config.proj_adapter == "parallel-input"
+    method.load_state(manual_state(model, ["blocks.0.attn.proj.weight"], {}, []))
+    attach_method(model, method)
+    proj = vit_blocks(model)[0].attn.proj
+    adapter = proj.adapters["proj"]
+    assert adapter.down.bias.abs().max() > 0  # PyTorch's default init, not zero
+    assert torch.equal(adapter.up.bias, torch.zeros(48))
+    _perturb(proj)
+    x = torch.randn(2, 17, 48)
+    with torch.no_grad():
+        expected = proj.base_layer(x) + adapter(x)
+        assert (proj.train()(x) - expected).abs().max() < 1e-6  # un-dropped input
+    seq = create_method("spt-adapter", {"proj_adapter": "sequential-output", "drop_path": 0.0})
+    seq.load_state(manual_state(model, ["blocks.0.attn.proj.weight"], {}, []))
+    other = tiny()
+    attach_method(other, seq)
+    proj2 = vit_blocks(other)[0].attn.proj
+    _perturb(proj2)
+    with torch.no_grad():
+        y = proj2.base_layer(x)
+        assert (proj2.eval()(x) - (y + proj2.adapters["proj"](y))).abs().max() < 1e-6
 
 
 def test_adapter_is_sequential_on_the_slice_output():
@@ -338,7 +503,9 @@ def test_prepare_records_budget_state_and_rebuilds_exactly(tmp_path):
     text = json.dumps(state)
     trained = copy.deepcopy(model)
     attach_method(trained, method)
-    assert method.num_trainable(trained) == state["budget"]["used"]
+    assert method.num_trainable(trained) == state["budget"]["trained"]
+    assert state["sensitivity"]["head_init"] == "trunc_normal(std=0.02) weight, zero bias"
+    assert state["sensitivity"]["drop_path"] == 0.1
     assert sum(state["budget"][k] for k in ("unstructured", "structured_matrices",
                                             "structured_vectors", "cls_token")) == \
         state["budget"]["used"]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m vpeft_viz <command>`` (contract, see DESIGN.md "Command line").
+"""Command line: ``python -m vpeft_viz <command>`` (contract: docs/cli.md).
 
 Every command without ``--backbone`` uses the embedded default. Errors exit non-zero with
 one clear line on stderr; ``--json`` output is one JSON object (or list) on the last line.

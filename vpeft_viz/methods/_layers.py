@@ -52,11 +52,13 @@ class Bottleneck(nn.Module):
     """``up(act(down(x)))``: the adapter used by AdaptFormer, DyT and low-bit adapters.
 
     ``down`` is Kaiming-uniform initialised and ``up`` zero-initialised, so the branch
-    outputs exactly zero at step 0.
+    outputs exactly zero at step 0. Both biases start at zero unless ``zero_down_bias`` is
+    False: then ``down``'s bias keeps PyTorch's default uniform init (SPT's released adapter
+    leaves it so; its output is still zero at step 0, because ``up`` is zero).
     """
 
     def __init__(self, dim: int, rank: int, *, bias: bool = True, act: str = "relu",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, zero_down_bias: bool = True):
         super().__init__()
         self.down = nn.Linear(dim, rank, bias=bias)
         self.act = nn.ReLU() if act == "relu" else nn.GELU()
@@ -64,7 +66,8 @@ class Bottleneck(nn.Module):
         self.up = nn.Linear(rank, dim, bias=bias)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         if bias:
-            nn.init.zeros_(self.down.bias)
+            if zero_down_bias:
+                nn.init.zeros_(self.down.bias)
             nn.init.zeros_(self.up.bias)
         nn.init.zeros_(self.up.weight)
 

@@ -32,7 +32,7 @@ class LoRAConfig(MethodConfig):
     dropout: float = param(0.0, "Dropout on the LoRA branch's input during training.",
                            min=0.0, max=0.9)
     targets: str = param("qv", "Which slices of the fused qkv projection get an update "
-                         "(the paper's and METHODS.md's choice is q and v).",
+                         "(the paper's choice, counted in docs/methods.md, is q and v).",
                          choices=("qv", "q", "v", "qkv"))
 
 

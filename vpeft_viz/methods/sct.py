@@ -6,16 +6,29 @@ Zhao et al., IJCV 2024, https://arxiv.org/abs/2309.08513 (showlab/SCT,
 * **Selection** (:func:`vpeft_viz.probes.activations.class_channel_norms`). The frozen
   pretrained model sees every training image once (eval mode, no augmentation). At the input
   of each block's ``norm2`` — the residual stream right after the attention residual — the
-  prefix (CLS) tokens are dropped and, for every class c, each channel's L2 norm over that
+  prefix tokens are dropped and, for every class c, each channel's L2 norm over that
   class's images × tokens is taken: ``n_c[j] = sqrt(Σ_{images of c, tokens} x_j²)``. The
   class-aware importance (CAIS) is the mean of ``n_c`` over the classes; the top K channels
   per block are kept (K = 96 of 768, 1/8 of the width, by default). The *plain* score
   ``sqrt(Σ_{all images, tokens} x_j²)`` is kept too, for the class-aware vs plain comparison
-  view.
+  view. Three choices differ from the release (``getSalientChannels``), on purpose:
+
+  - *Images*: the run's training split only (train800 on a VTAB-1k task). The release scores
+    train800val200 (1,000 images) because it trains on those and picks its checkpoint on
+    the test set; here the validation split selects the checkpoint, so it must not inform
+    the channel choice either.
+  - *Tokens*: all ``num_prefix_tokens`` prefix tokens are dropped (CLS and any register or
+    distillation tokens); the release drops only token 0. Identical on a plain ViT (one
+    prefix token).
+  - *Ties*: :func:`top_channels` is a stable top-K, so it always returns exactly K channels
+    (equal scores: the lower index wins). The release keeps the channels strictly above the
+    (K+1)-th largest score, so a tie at that boundary returns fewer than K.
 * **Module** (:class:`SalientChannelBlock`). After the attention residual,
   ``x[..., S] ← x[..., S] + s · (W x[..., S] + b)`` with a K×K linear (trunc-normal std 0.02,
-  zero bias): 12·(96² + 96) = 111,744 parameters on ViT-B/16. The official code scales the
-  update by a per-task ``s`` (e.g. 0.15 on SVHN); s = 1 is METHODS.md's formula. Not the
+  zero bias): 12·(96² + 96) = 111,744 parameters on ViT-B/16. s = 1 by default, which is
+  the released code: its scaled line (``scale · …``) is commented out in showlab/SCT
+  ``models/vision_transformer_sct.py``, so no scale is applied there, although its per-task
+  configs still carry a ``scale`` value. Any other s is this project's extension. Not the
   identity at init (W is random) and not mergeable (a K×K matmul per block stays).
 
 Where the maths lives: the channel norms are the activation probe
@@ -47,13 +60,18 @@ Progress = Callable[[int, int], None]
 class SCTConfig(MethodConfig):
     k: int | None = param(None, "Salient channels K tuned per block; empty: 1/8 of the width "
                           "(96 on ViT-B/16).", min=1, max=65536)
-    scale: float = param(1.0, "Multiplier s on the K×K update (the official code tunes it per "
-                         "task, e.g. 0.15 on SVHN).", min=0.0, max=100.0)
+    scale: float = param(1.0, "Multiplier s on the K×K update. 1 is the released code (its "
+                         "scaled line is commented out); other values are an extension.",
+                         min=0.0, max=100.0)
     seed: int = param(0, "Seed of the K×K layers' initialisation.", min=0, max=2**31 - 1)
 
 
 def top_channels(scores: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` highest-scoring channels of each row, sorted by index (ties: lower index)."""
+    """The ``k`` highest-scoring channels of each row, sorted by index.
+
+    Always exactly ``k`` (ties: the lower index wins), so every block gets the same K×K
+    layer; the release's strict threshold would return fewer on a tie at the boundary.
+    """
     scores = np.asarray(scores)
     order = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
     return np.sort(order, axis=-1)

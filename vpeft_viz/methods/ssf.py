@@ -7,6 +7,21 @@ operation with output y: ``y ← γ ⊙ y + β`` per channel, γ ~ N(1, 0.02²),
 
 Merge is exact (the official repository does not ship it): after a linear or convolution
 ``W' = diag(γ) W, b' = γ ⊙ b + β``; after a LayerNorm the same fold into its affine.
+
+Two placements differ from the release (dongzelian/SSF ``models/vision_transformer.py``) on
+backbones other than the plain ViT-B/16 (where both agree, 205,824 parameters):
+
+* *Patch-embedding norm.* With a LayerNorm inside ``patch_embed`` the release inserts two
+  SSFs, after the projection and after that norm; here there is one, after the norm
+  (``patch_embed.norm``; an Identity on plain ViTs, so there it is the projection's output).
+  The release's extra SSF (2·dim more parameters) is not built: inside timm's PatchEmbed the
+  projection's output is channels-first (B, C, H, W) and may stay so (``flatten=False``),
+  which the channels-last ScaleShift does not handle.
+* *Average-pooled ViTs* (``global_pool='avg'``: ``norm`` is an Identity and ``fc_norm``
+  normalises after pooling). The release's final SSF sits after the Identity ``norm``, on
+  the tokens, before pooling and before ``fc_norm``; here it follows ``fc_norm``, so γ, β
+  fold into that LayerNorm's affine and the merge stays exact (a scale before a LayerNorm
+  does not fold into it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Run store: one self-contained directory per run (contract, see docs/run-store.md).
+"""Run store: one self-contained directory per run (format: docs/run-store.md).
 
 ::
 

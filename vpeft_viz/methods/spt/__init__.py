@@ -2,13 +2,16 @@
 
 He et al., ICCV 2023, https://arxiv.org/abs/2303.08566 (ziplab/SPT, ``engine.py``). Three steps:
 
-1. **Sensitivity** (:func:`compute_sensitivity`). With a freshly initialised head and the
-   model in train mode, accumulate the squared mini-batch gradient of every backbone weight,
-   ``s += g²``, over the first ``batches × batch_size`` training images in file order (16 × 32
-   in the official code). By a first-order Taylor expansion the loss drop of one gradient step
-   on a weight grows with g², so s ranks weights by how much tuning them alone would help.
-   The head, CLS token, patch and position embeddings are not scored. timm's fused ``qkv``
-   is scored as three matrices q, k, v, as in the official code.
+1. **Sensitivity** (:func:`compute_sensitivity`). With a freshly initialised head
+   (trunc-normal std 0.02 weight, zero bias) and the model in train mode with stochastic depth
+   0.1 (linear over the blocks, so it is active), as in the release, accumulate the squared
+   mini-batch gradient of every backbone weight, ``s += g²``, over the first
+   ``batches × batch_size`` training images in file order (16 × 32 in the official code). By
+   a first-order Taylor expansion the loss drop of one gradient step on a weight grows with
+   g², so s ranks weights by how much tuning them alone would help. The head, CLS token,
+   patch and position embeddings are not scored. timm's fused ``qkv`` is scored as three
+   matrices q, k, v, as in the official code. The head init and drop-path are recorded in
+   the method state (``sensitivity``).
 2. **Allocation** (:func:`allocate`). Pool every score and keep the entries above a global
    threshold. A weight matrix with at least ``cost/α`` sensitive entries (α = 10) gets a
    structured module on the whole matrix (LoRA rank r: ``r·(in+out)``; adapter:
@@ -19,11 +22,18 @@ He et al., ICCV 2023, https://arxiv.org/abs/2303.08566 (ziplab/SPT, ``engine.py`
    can (a structured module jumps over it) the error names the nearest reachable budgets.
 3. **Tuning**. Sparse deltas are 1-D parameters holding only the chosen entries, scattered
    into the frozen weight in forward (indices are buffers), so gradients exist only there.
-   SPT-LoRA adds ``B·A·dropout(x)`` beside a matrix (no scaling, as in the official code);
-   SPT-Adapter adds ``up(GELU(down(dropout(y))))`` to the matrix output y, sequentially (the
-   official code runs the ``proj`` adapter in parallel on its input instead; same cost).
-   SPT-LoRA merges exactly (sparse deltas, whole vectors, LoRA and the CLS delta all fold
-   into plain weights); SPT-Adapter does not (GELU).
+   As in the release, sparse deltas live only in linear layers: the sensitive LayerNorm
+   entries below the dim/β bar are counted in the budget but stay frozen (``budget.trained``
+   in the state says what really trains; ``sparse_layernorm`` trains them too). A vector
+   tuned whole, LayerNorm or bias, is trained. SPT-LoRA adds ``B·A·dropout(x)`` beside a
+   matrix (no scaling, as in the official code); SPT-Adapter adds
+   ``up(GELU(down(dropout(y))))`` to the matrix output y, sequentially, except on ``proj``,
+   whose adapter runs in parallel on proj's input (the release's placement; same cost;
+   ``proj_adapter`` switches it). proj's module gets the un-dropped input, every structured
+   module's output passes through ``DropPath(0.1)`` (training only), and the adapter's
+   down-projection bias keeps PyTorch's default init — all as released. SPT-LoRA merges
+   exactly (sparse deltas, whole vectors, LoRA and the CLS delta all fold into plain
+   weights); SPT-Adapter does not (GELU).
 
 Where each step lives: :mod:`.scoring` (what is scored, step 1, on top of the gradient probe
 in :mod:`vpeft_viz.probes.gradients`), :mod:`.allocation` (step 2), :mod:`.modules` (step 3),
@@ -60,19 +70,21 @@ from .records import (
 )
 from .scoring import (
     MATRIX_OPS,
+    NORM_OPS,
     SensitivityInfo,
     Unit,
     cls_token_cost,
     compute_sensitivity,
     scored_units,
+    set_stochastic_depth,
     structured_cost,
 )
 
 __all__ = [
-    "BUDGET_TOLERANCE", "GRID_POINTS", "IMAGE_MAX_SIDE", "MATRIX_OPS", "Allocation",
+    "BUDGET_TOLERANCE", "GRID_POINTS", "IMAGE_MAX_SIDE", "MATRIX_OPS", "NORM_OPS", "Allocation",
     "BudgetError", "ClsTokenDelta", "SPTAdapter", "SPTAdapterConfig", "SPTConfig", "SPTLayerNorm",
     "SPTLinear", "SPTLoRA", "SPTLoRAConfig", "SensitivityInfo", "SortedScores", "Unit",
     "allocate", "allocation_arrays", "allocation_costs", "allocation_state", "cls_token_cost",
     "compute_sensitivity", "decode_indices", "encode_indices", "scored_units",
-    "sensitivity_summary", "structured_cost",
+    "sensitivity_summary", "set_stochastic_depth", "structured_cost",
 ]

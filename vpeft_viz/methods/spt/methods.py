@@ -41,15 +41,29 @@ class SPTConfig(MethodConfig):
         "sensitive.", min=1.0, max=1e6)
     rank: int = param(8, "Rank (LoRA) or bottleneck width (adapter) of structured modules.",
                       min=1, max=1024)
-    dropout: float = param(0.1, "Dropout on the input of every structured module.",
-                           min=0.0, max=0.9)
+    dropout: float = param(
+        0.1, "Dropout on the input of every structured module except proj's (the release "
+        "feeds proj's module the un-dropped input).", min=0.0, max=0.9)
+    drop_path: float = param(
+        0.1, "DropPath (per-sample stochastic depth, training only) on every structured "
+        "module's output; the release uses 0.1.", min=0.0, max=0.9)
+    sparse_layernorm: bool = param(
+        False, "Also train the sparse LayerNorm entries the budget counts. Off: as in the "
+        "release, sparse deltas live only in linear layers, so sensitive LayerNorm entries "
+        "below the dim/β bar are counted in the budget but stay frozen (a LayerNorm vector "
+        "tuned whole is trained either way).")
     sensitivity_batches: int = param(
         16, "Mini-batches whose squared gradients are summed (official: 16).", min=1,
         max=100_000)
     sensitivity_batch_size: int = param(
         32, "Images per sensitivity mini-batch (official: 32), taken in file order.",
         min=1, max=4096)
-    seed: int = param(0, "Seed of the fresh classifier head (and dropout) used to score "
+    sensitivity_drop_path: float = param(
+        0.1, "Stochastic depth of the scoring copy (rate rising linearly from 0 at the first "
+        "block to this at the last, timm's rule; active: the copy is in train mode). The "
+        "release scores with 0.1.", min=0.0, max=0.9)
+    seed: int = param(0, "Seed of the fresh classifier head (trunc-normal std 0.02, zero "
+                      "bias, as in the release) and of the drop-path draws used to score "
                       "sensitivity.", min=0, max=2**31 - 1)
 
 class _SPT(PeftMethod):
@@ -79,12 +93,14 @@ class _SPT(PeftMethod):
         budget, strict = self.resolve_budget(units)
         scores, info = compute_sensitivity(model, loader, batches=c.sensitivity_batches,
                                            batch_size=c.sensitivity_batch_size, seed=c.seed,
+                                           drop_path=c.sensitivity_drop_path,
                                            device=device, progress=progress)
         table = SortedScores(units, scores)
         alloc = allocate(units, scores, budget=budget, alpha=c.alpha, beta=c.beta,
                          kind=self.kind, rank=c.rank, cls_token=cls_token_cost(model),
                          strict=strict, table=table)
-        self._state = allocation_state(alloc, units, info, auto=not strict)
+        self._state = allocation_state(alloc, units, info, auto=not strict,
+                                       train_sparse_layernorm=c.sparse_layernorm)
         self._summary = sensitivity_summary(table, self.kind, c.rank)
         self._summary.update(allocation_arrays(alloc, units, c.alpha, c.beta))
 
@@ -114,6 +130,10 @@ class _SPT(PeftMethod):
             by_module.setdefault(u.module, []).append(u)
         for path, members in by_module.items():
             base = model.get_submodule(path)
+            if not isinstance(base, nn.Linear | nn.LayerNorm):
+                raise TypeError(f"{self.name} expects a Linear or LayerNorm at {path}, "
+                                f"got {type(base).__name__}")
+            linear = isinstance(base, nn.Linear)
             slices, w_idx, b_idx = [], [], []
             for u in members:
                 entry = alloc.get(u.name)
@@ -124,6 +144,8 @@ class _SPT(PeftMethod):
                 if entry["structured"] and u.is_matrix:
                     slices.append((u.op, u.start, u.start + u.shape[0]))
                     continue
+                if not (linear or entry["structured"] or c.sparse_layernorm):
+                    continue  # counted in the budget, frozen (the release's behaviour)
                 idx = (np.arange(u.numel) if entry["structured"]
                        else decode_indices(entry["indices"]))
                 (w_idx if u.param == "weight" else b_idx).append(idx + offset)
@@ -132,8 +154,11 @@ class _SPT(PeftMethod):
             w = torch.from_numpy(np.sort(np.concatenate(w_idx))) if w_idx else torch.zeros(0)
             b = torch.from_numpy(np.sort(np.concatenate(b_idx))) if b_idx else torch.zeros(0)
             device = base.weight.device
-            if isinstance(base, nn.Linear):
-                new = SPTLinear(base, kind=self.kind, rank=c.rank, dropout=c.dropout,
+            if linear:
+                is_proj = members[0].op == "proj"
+                new = SPTLinear(base, kind=self.kind, rank=c.rank,
+                                dropout=0.0 if is_proj else c.dropout, drop_path=c.drop_path,
+                                adapter_on_input=is_proj and self.adapter_on_proj_input(),
                                 slices=sorted(slices, key=lambda s: s[1]),
                                 weight_idx=w.long(), bias_idx=b.long())
             else:
@@ -142,6 +167,10 @@ class _SPT(PeftMethod):
         if getattr(model, "cls_token", None) is not None:
             model.norm_pre = ClsTokenDelta(model.norm_pre, model.cls_token.shape[-1]).to(
                 model.cls_token.device)
+
+    def adapter_on_proj_input(self) -> bool:
+        """Whether proj's adapter runs in parallel on proj's input (SPT-Adapter only)."""
+        return False
 
     def spt_modules(self, model: nn.Module) -> Iterator[tuple[str, PeftModule]]:
         for name, m in model.named_modules():
@@ -157,6 +186,12 @@ class SPTLoRAConfig(SPTConfig):
 @dataclass
 class SPTAdapterConfig(SPTConfig):
     """SPT with a bottleneck adapter (width ``rank``, after the matrix) as structured module."""
+
+    proj_adapter: str = param(
+        "parallel-input", "Where proj's adapter sits: parallel-input (the release: "
+        "proj(x) + adapter(x), fed proj's un-dropped input) or sequential-output (after "
+        "proj, like every other matrix's adapter).",
+        choices=("parallel-input", "sequential-output"))
 
 
 @register_method("spt-lora")
@@ -191,5 +226,8 @@ class SPTAdapter(_SPT):
     cached_seeds = (0,)
     vit_b_uncounted = "the count is a budget reached from data-dependent sensitivities"
     summary = ("Score every weight by its squared gradient on the task, then tune the most "
-               "sensitive ones: an adapter after matrices with many of them, single entries "
+               "sensitive ones: an adapter on matrices with many of them, single entries "
                "elsewhere.")
+
+    def adapter_on_proj_input(self) -> bool:
+        return self.config.proj_adapter == "parallel-input"

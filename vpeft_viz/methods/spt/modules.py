@@ -10,6 +10,7 @@ import copy
 import math
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 from torch.nn import functional as F
 
@@ -50,17 +51,32 @@ class SPTLinear(_SparseDeltas):
     ``slices`` are ``(name, start, stop)`` output-row ranges that get a structured module
     (three for timm's fused qkv). Sparse deltas sit at flat ``weight_idx``/``bias_idx``
     (a bias vector tuned whole simply lists all its indices).
+
+    Structured modules, as in the released code (ziplab/SPT ``StructuredTuningModule``):
+
+    * LoRA runs in parallel, ``B·A·dropout(x)`` on the layer input;
+    * an adapter runs sequentially, ``y + up(GELU(down(dropout(y))))`` on the slice output
+      y, or — ``adapter_on_input`` (the release's placement for ``proj``) — in parallel on
+      the layer input, ``y + up(GELU(down(dropout(x))))`` (input and output widths equal);
+    * every module's output passes through ``DropPath(drop_path)`` (per sample, training
+      only), one independent draw per slice.
+
+    ``dropout`` is the rate on the modules' input; the caller passes 0 for ``proj``, whose
+    module gets the un-dropped input in the release.
     """
 
     def __init__(self, base: nn.Linear, *, kind: str, rank: int, dropout: float,
                  slices: list[tuple[str, int, int]], weight_idx: torch.Tensor,
-                 bias_idx: torch.Tensor):
+                 bias_idx: torch.Tensor, drop_path: float = 0.0,
+                 adapter_on_input: bool = False):
         super().__init__()
         self.base_layer = base
         self.kind = kind
         self.slices = [(n, int(a), int(b)) for n, a, b in slices]
+        self.adapter_on_input = bool(adapter_on_input and kind == "adapter")
         self._init_deltas(weight_idx, bias_idx)
         self.dropout = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.adapters = nn.ModuleDict()
@@ -71,23 +87,31 @@ class SPTLinear(_SparseDeltas):
                 self.lora_A[name] = w_a
                 self.lora_B[name] = nn.Parameter(torch.zeros(b - a, rank))
             else:
-                self.adapters[name] = Bottleneck(b - a, rank, bias=True, act="gelu")
+                if self.adapter_on_input and base.in_features != b - a:
+                    raise ValueError(f"an adapter on the input of a {base.in_features}→"
+                                     f"{b - a} slice needs equal widths; place it on the "
+                                     "output instead")
+                self.adapters[name] = Bottleneck(b - a, rank, bias=True, act="gelu",
+                                                 zero_down_bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.effective_weight(), self.effective_bias())
         if not self.slices:
             return out
-        h = self.dropout(x) if self.kind == "lora" else None
+        on_input = self.kind == "lora" or self.adapter_on_input
+        h = self.dropout(x) if on_input else None
         parts, pos = [], 0
         for name, a, b in self.slices:
             if a > pos:
                 parts.append(out[..., pos:a])
             o = out[..., a:b]
             if self.kind == "lora":
-                o = o + (h @ self.lora_A[name].T.to(h.dtype)) @ self.lora_B[name].T.to(h.dtype)
+                delta = (h @ self.lora_A[name].T.to(h.dtype)) @ self.lora_B[name].T.to(h.dtype)
+            elif on_input:
+                delta = self.adapters[name](h)
             else:
-                o = o + self.adapters[name](self.dropout(o))
-            parts.append(o)
+                delta = self.adapters[name](self.dropout(o))
+            parts.append(o + self.drop_path(delta))
             pos = b
         if pos < out.shape[-1]:
             parts.append(out[..., pos:])

@@ -12,15 +12,23 @@ from typing import Any
 import numpy as np
 
 from .allocation import Allocation, SortedScores, encode_indices
-from .scoring import SensitivityInfo, Unit, structured_cost
+from .scoring import NORM_OPS, SensitivityInfo, Unit, structured_cost
 
 GRID_POINTS = 1500  # thresholds in the stored count table
 IMAGE_MAX_SIDE = 192  # matrix images are mean-pooled down to at most this many cells a side
 
 
 def allocation_state(alloc: Allocation, units: list[Unit], info: SensitivityInfo | None,
-                     *, auto: bool) -> dict[str, Any]:
-    """JSON that rebuilds the modules exactly: per tuned unit, structured or its indices."""
+                     *, auto: bool, train_sparse_layernorm: bool = False) -> dict[str, Any]:
+    """JSON that rebuilds the modules exactly: per tuned unit, structured or its indices.
+
+    ``budget.used`` counts every allocated entry, as the release does; the sparse LayerNorm
+    entries among them stay frozen unless ``train_sparse_layernorm``, so ``budget.trained``
+    (= used − frozen_layernorm) is what the run really trains.
+    """
+    frozen = 0 if train_sparse_layernorm else sum(
+        alloc.costs[u.name] for u in units
+        if u.op in NORM_OPS and not alloc.structured[u.name])
     state_units = {}
     for u in units:
         if alloc.structured[u.name]:
@@ -33,7 +41,8 @@ def allocation_state(alloc: Allocation, units: list[Unit], info: SensitivityInfo
         "units": state_units,
         "threshold": alloc.threshold,
         "budget": {"target": alloc.target, "used": alloc.used, "reachable": alloc.reachable,
-                   "auto": auto, **alloc.breakdown(units)},
+                   "auto": auto, **alloc.breakdown(units), "frozen_layernorm": frozen,
+                   "trained": alloc.used - frozen},
         "sensitivity": info.to_dict() if info is not None else None,
     }
 

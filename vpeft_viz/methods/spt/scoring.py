@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -21,6 +22,8 @@ from ...probes.gradients import squared_gradients
 from .._layers import vit_blocks
 
 MATRIX_OPS = ("q", "k", "v", "proj", "fc1", "fc2")
+NORM_OPS = ("norm1", "norm2", "norm")  # the LayerNorm vectors' ops
+HEAD_INIT = "trunc_normal(std=0.02) weight, zero bias"
 
 Progress = Callable[[int, int], None]
 
@@ -127,6 +130,9 @@ class SensitivityInfo:
     order: str
     mean_loss: float
     image_names: list[str] = field(default_factory=list)
+    head_init: str = HEAD_INIT
+    drop_path: float = 0.0  # stochastic depth of the last block (0 at the first, linear)
+    drop_path_per_block: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -160,37 +166,68 @@ def _num_classes(model: nn.Module, loader: Iterable, cached: list) -> int:
     return int(labels.max().item()) + 1
 
 
+def set_stochastic_depth(model: nn.Module, rate: float) -> list[float]:
+    """Give every block timm's stochastic depth, rising linearly from 0 (first block) to
+    ``rate`` (last), on both residual branches; returns the per-block rates.
+
+    The release builds its scoring model with ``drop_path_rate=0.1`` and this rule; a copy
+    made here matches a timm ViT built with the same ``drop_path_rate``.
+    """
+    blocks = vit_blocks(model)
+    rates = [rate * i / max(len(blocks) - 1, 1) for i in range(len(blocks))]
+    for block, r in zip(blocks, rates):
+        for attr in ("drop_path1", "drop_path2"):
+            if not hasattr(block, attr):
+                raise TypeError(f"stochastic depth needs timm blocks with {attr}, got "
+                                f"{type(block).__name__}")
+            setattr(block, attr, DropPath(r) if r > 0 else nn.Identity())
+    return rates
+
+
 def compute_sensitivity(model: nn.Module, loader: Iterable, *, batches: int = 16,
-                        batch_size: int = 32, seed: int = 0,
+                        batch_size: int = 32, seed: int = 0, drop_path: float = 0.1,
                         device: torch.device | str = "cpu", progress: Progress | None = None,
                         ) -> tuple[dict[str, torch.Tensor], SensitivityInfo]:
     """Per-weight sensitivity ``Σ_batches g²`` of every scored unit (CPU float32 tensors).
 
-    ``model`` is not modified: a copy gets a fresh head (seeded), goes to train mode and is
-    differentiated batch by batch (mean cross-entropy of each mini-batch, as officially).
+    ``model`` is not modified. As in the release's scoring pass, a copy gets a fresh head
+    (seeded; trunc-normal std 0.02 weight, zero bias), stochastic depth ``drop_path`` (see
+    :func:`set_stochastic_depth`), goes to train mode — so drop-path is active — and is
+    differentiated batch by batch (mean cross-entropy of each mini-batch).
     """
     device = torch.device(device)
     ordered, names = _ordered_batches(loader, batch_size, batches)
     work = copy.deepcopy(model).to(device)
+    rates = set_stochastic_depth(work, drop_path)
     units = scored_units(work)
     cached: list = []
     if not int(getattr(work, "num_classes", 0) or 0):
         cached = [b for _, b in zip(range(batches), ordered)]
     num_classes = _num_classes(work, loader, cached)
     devices = [device.index or 0] if device.type == "cuda" else []
+    total = min(batches, len(ordered)) if hasattr(ordered, "__len__") else batches
     with torch.random.fork_rng(devices=devices):
+        # A DataLoader draws its base seed from the global RNG when iteration starts: start
+        # it before seeding, so the head and the drop-path draws depend on ``seed`` alone.
+        stream = iter(cached or ordered)
         torch.manual_seed(seed)
         work.reset_classifier(num_classes)
+        head = work.get_classifier()
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"SPT sensitivity needs a linear head, got {type(head).__name__}")
+        with torch.no_grad():
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
         work.to(device)
         work.train()
         keys = sorted({f"{u.module}.{u.param}" for u in units})
-        total = min(batches, len(ordered)) if hasattr(ordered, "__len__") else batches
-        acc, stats = squared_gradients(work, cached or ordered, keys, max_batches=batches,
+        acc, stats = squared_gradients(work, stream, keys, max_batches=batches,
                                        device=device, progress=progress, total=total,
                                        what="SPT sensitivity")
     scores = {u.name: _unit_tensor(u, acc).detach().cpu().clone() for u in units}
     info = SensitivityInfo(batches=stats.batches, batch_size=batch_size, images=stats.images,
                            seed=seed, order="file order" if names or hasattr(loader, "dataset")
                            else "as the loader yields", mean_loss=stats.mean_loss,
-                           image_names=names[:stats.images])
+                           image_names=names[:stats.images], drop_path=float(drop_path),
+                           drop_path_per_block=[round(r, 6) for r in rates])
     return scores, info

@@ -159,7 +159,7 @@ def test_dead_process_marks_run_failed(store, task):
     assert [j.id for j in state.running] == [alive.id]
     status = run.status()
     assert status["status"] == "failed"
-    assert status["error"] == f"worker process died (pid {dead.pid})"
+    assert status["error"].startswith(f"the process running it (pid {dead.pid}) ended")
     assert alive.status()["status"] == "running"
 
 

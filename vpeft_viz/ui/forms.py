@@ -151,6 +151,8 @@ def parse_seeds(text: str) -> list[int]:
                 seeds.append(int(part))
             if len(set(seeds)) > MAX_SEEDS:
                 raise ConfigError(f"seeds: at most {MAX_SEEDS} per launch, got more")
+        except ConfigError:
+            raise
         except ValueError:
             raise ConfigError(f"seeds: {part!r} is not a seed or a range like 0-2 "
                               "(give integers separated by commas)") from None

@@ -199,11 +199,6 @@ def try_claim(run: Run, owner: str) -> bool:
     return True
 
 
-def claim_info(run: Run) -> dict[str, Any] | None:
-    """Who claimed ``run`` (None: nobody; {}: being written right now, or unreadable)."""
-    return run.claim()
-
-
 # -- the queue ------------------------------------------------------------------------------
 def submit(store: RunStore, config: dict[str, Any]) -> Run:
     """Put a validated run configuration (``make_run_config``) on the queue."""

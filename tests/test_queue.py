@@ -71,8 +71,9 @@ def _wait(runs, states=("done", "failed", "cancelled"), timeout=TIMEOUT_S):
 
 def test_queue_runs_one_at_a_time_and_survives_a_failure(store, task, tmp_path):
     broken = shutil.copytree(task, tmp_path / "broken")
+    bad_config = _config(broken)  # checked while whole; the image goes missing afterwards
     (broken / "images" / "test_0002.png").unlink()  # found only when the run reads its data
-    bad = queue.submit(store, _config(broken))
+    bad = queue.submit(store, bad_config)
     first = queue.submit(store, _config(task, method="linear"))
     second = queue.submit(store, _config(task, method="lora", epochs=2))
     assert [j.id for j in queue.queue_state(store).queued] == [bad.id, first.id, second.id]
@@ -139,8 +140,9 @@ def test_cancel_running_run_then_stop_the_worker(store, task):
     assert second.status()["worker_pid"] == pid
     os.kill(pid, signal.SIGTERM)
     (status,) = _wait([second], timeout=30)
-    assert status["status"] == "failed"
-    assert status["error"] == f"run process died (killed by signal 15, pid {child})"
+    # The worker passes SIGTERM on: the run stops cleanly, keeping its finished epochs.
+    assert status["status"] == "cancelled" and status["error"] == "stopped by SIGTERM"
+    assert second.summary()["cancelled"] and len(second.metrics()) >= 1
     deadline = time.monotonic() + 15
     while (queue.pid_alive(child) or queue.slot_is_busy(store, "cpu:0")) \
             and time.monotonic() < deadline:
@@ -159,7 +161,7 @@ def test_dead_process_marks_run_failed(store, task):
     assert [j.id for j in state.running] == [alive.id]
     status = run.status()
     assert status["status"] == "failed"
-    assert status["error"] == f"worker process died (pid {dead.pid})"
+    assert status["error"].startswith(f"the process running it (pid {dead.pid}) ended")
     assert alive.status()["status"] == "running"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -28,13 +30,13 @@ def test_create_list_get(tmp_path):
 
 def test_status_metrics_summary(tmp_path):
     run = RunStore(tmp_path).create(_config())
-    run.set_status("running", pid=123)
+    run.set_status("running", pid=os.getpid())  # a live owner: the run stays running
     run.update_progress(step=3, steps=10)
     run.append_metrics({"epoch": 1, "val_acc": 0.5})
     run.append_metrics({"epoch": 2, "val_acc": 0.75})
     run.write_summary({"val_acc": 0.75})
     st = run.status()
-    assert st["status"] == "running" and st["pid"] == 123 and st["progress"]["step"] == 3
+    assert st["status"] == "running" and st["pid"] == os.getpid() and st["progress"]["step"] == 3
     assert [m["epoch"] for m in run.metrics()] == [1, 2]
     assert (run.path / "metrics.jsonl").read_text().count("\n") == 2
     assert run.summary() == {"val_acc": 0.75}

@@ -19,7 +19,18 @@ DEFAULT_STORE = user_store_path()
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, default=str))
+    """One line of strict JSON: NaN and infinities are printed as null (JSON has neither)."""
+    from .runs.store import finite_json
+
+    print(json.dumps(finite_json(obj), default=str, allow_nan=False))
+
+
+def _shipped_store(path: Path) -> bool:
+    """Whether ``path`` is (or is inside) the shipped, read-only ``cached_runs/`` store."""
+    from . import runs
+
+    target, shipped = path.expanduser().resolve(), runs.CACHED_STORE.resolve()
+    return target == shipped or shipped in target.parents
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -127,29 +138,51 @@ def cmd_train(args: argparse.Namespace) -> int:
                              method_config=method_cfg, train=train_values,
                              checkpoint=args.checkpoint, pretrained=not args.random_init,
                              normalization=args.normalization)
+    if _shipped_store(args.store):
+        raise ValueError(f"--store {args.store} is the shipped cached_runs/ store, which is "
+                         "read-only; regenerate it with `cache-runs`, or pick another --store")
+    from .runs.queue import try_claim
+
     store = RunStore(args.store)
     run = store.create(config)
+    try_claim(run, "cli")  # records this process as the owner until the run starts
     print(f"run {run.id} in {store.root}", file=sys.stderr)
     bar = _ProgressBar()
     try:
         summary = execute_run(run, callbacks=[bar])
     finally:
         bar.close()
+    status = run.status()
     if args.json:
         _print_json(summary)
+    elif summary.get("cancelled"):
+        print(f"{run.id}: cancelled after {summary.get('epochs_done', 0)} epoch(s)"
+              f" ({status.get('error') or 'cancel requested'})")
     else:
         test = summary.get("test_acc", float("nan"))
         print(f"{run.id}: val {summary['val_acc']:.4f}  test {test:.4f}"
               f"  trainable {summary['trainable_params']:,}  {summary['train_time_s']:.1f}s")
+    if summary.get("cancelled") and "SIGTERM" in (status.get("error") or ""):
+        return 128 + 15  # the conventional exit status of a process ended by SIGTERM
     return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
     from .runs.store import RunStore
 
-    store = RunStore(args.store, read_only=True)
+    if not args.store.is_dir():
+        raise FileNotFoundError(f"no run store at {args.store} (not a directory)")
+    # Writable when it may be, so that runs whose process died are recorded as failed.
+    read_only = _shipped_store(args.store) or not os.access(args.store, os.W_OK)
+    store = RunStore(args.store, read_only=read_only)
     rows = []
     for run in store.list():
+        problem = run.problem()
+        if problem is not None:  # listed, with the reason; the other runs still show
+            rows.append({"run_id": run.id, "status": "unreadable", "error": problem,
+                         "method": None, "task": None, "backbone": None, "seed": None,
+                         "val_acc": None, "test_acc": None, "trainable_params": None})
+            continue
         st, summ, cfg = run.status(), run.summary() or {}, run.config
         rows.append({"run_id": run.id, "status": st.get("status"), "error": st.get("error"),
                      "method": cfg.get("method"), "task": cfg.get("data", {}).get("name"),
@@ -161,8 +194,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
         _print_json(rows)
     else:
         for r in rows:
+            if r["status"] == "unreadable":
+                print(f"{r['run_id']}  unreadable: {r['error']}")
+                continue
             acc = "" if r["test_acc"] is None else f"test {r['test_acc']:.4f}"
-            print(f"{r['run_id']}  {r['status']:<9} {r['method']:<12} {r['task']:<12} {acc}")
+            print(f"{r['run_id']}  {r['status']:<9} {str(r['method']):<12} "
+                  f"{str(r['task']):<12} {acc}")
     return 0
 
 

@@ -9,6 +9,7 @@ written into each run's ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -119,6 +120,8 @@ class Config:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{where} must be a number, got {value!r}")
             value = float(value)
+            if not math.isfinite(value):  # NaN passes every range check (nan < lo is False)
+                raise ConfigError(f"{where} must be a finite number, got {value!r}")
         elif not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         if spec.choices is not None and value not in spec.choices:

@@ -107,7 +107,8 @@ class Callback:
 
 
 class Cancelled(Exception):
-    """Training stopped because a callback asked for it."""
+    """A run stopped because a cancel was requested (outside the training loop, which
+    returns instead; see :func:`fit`)."""
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -128,36 +129,52 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float):
     return torch.optim.AdamW(groups, lr=lr)
 
 
+# Largest class count whose confusion matrix is kept dense (1024² int64 = 8 MiB); beyond it
+# only per-class counts are kept, so a huge label space never allocates classes² memory.
+DENSE_CONFUSION_MAX = 1024
+
+
 @dataclass
 class EvalResult:
     loss: float
     acc: float
-    confusion: np.ndarray  # (true, predicted) counts
+    confusion: np.ndarray | None  # (true, predicted) counts; None beyond DENSE_CONFUSION_MAX
+    class_correct: np.ndarray  # per true class: correctly predicted
+    class_total: np.ndarray  # per true class: images
 
     @property
     def per_class_acc(self) -> list[float]:
-        totals = self.confusion.sum(1)
         return [float(c / t) if t else float("nan")
-                for c, t in zip(np.diag(self.confusion), totals)]
+                for c, t in zip(self.class_correct, self.class_total)]
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite: the weights are ruined, the run cannot go on."""
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: torch.device,
              amp: torch.dtype | None = None) -> EvalResult:
     model.eval()
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    dense = num_classes <= DENSE_CONFUSION_MAX
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64) if dense else None
+    correct = np.zeros(num_classes, dtype=np.int64)
+    total = np.zeros(num_classes, dtype=np.int64)
     total_loss, n = 0.0, 0
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(images)
         total_loss += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-        pred = logits.argmax(1)
-        np.add.at(confusion, (labels.cpu().numpy(), pred.cpu().numpy()), 1)
+        true, pred = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
+        if confusion is not None:
+            np.add.at(confusion, (true, pred), 1)
+        np.add.at(total, true, 1)
+        np.add.at(correct, true[true == pred], 1)
         n += labels.numel()
     if n == 0:
         raise ValueError("cannot evaluate on an empty split")
-    return EvalResult(total_loss / n, float(np.trace(confusion) / n), confusion)
+    return EvalResult(total_loss / n, float(correct.sum() / n), confusion, correct, total)
 
 
 @dataclass
@@ -229,6 +246,8 @@ def fit(model: nn.Module, method: PeftMethod, train_loader, val_loader, num_clas
 
     On return the model holds the best weights. A callback asking to stop ends training
     after the current step with ``result.cancelled`` set (the best weights so far are kept).
+    A non-finite training or validation loss raises :class:`DivergedError` naming the epoch
+    and step, before the optimiser step that would spread it into the weights.
     """
     callbacks = list(callbacks)
     device = device or resolve_device(cfg.device)
@@ -267,15 +286,19 @@ def fit(model: nn.Module, method: PeftMethod, train_loader, val_loader, num_clas
                 g["lr"] = lr * lr_factor(step, total, warmup)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss, logits = method.training_loss(trained, images, labels, criterion)
+            value = loss.item()
+            if not math.isfinite(value):  # stop before the step writes NaN into the weights
+                raise DivergedError(f"training loss became {value} at epoch {epoch + 1}, step "
+                                    f"{step + 1} of {total}; lower train.lr (it was {lr:g})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            loss_sum += loss.item() * labels.numel()
+            loss_sum += value * labels.numel()
             correct += (logits.argmax(1) == labels).sum().item()
             seen += labels.numel()
             for cb in callbacks:
-                cb.on_step(step, total, loss.item())
+                cb.on_step(step, total, value)
             if any(cb.should_stop() for cb in callbacks):
                 result.cancelled = True
                 break
@@ -286,6 +309,9 @@ def fit(model: nn.Module, method: PeftMethod, train_loader, val_loader, num_clas
         if result.cancelled:
             break
         val = evaluate(trained, val_loader, num_classes, device=device, amp=amp)
+        if not math.isfinite(val.loss):
+            raise DivergedError(f"validation loss became {val.loss} after epoch {epoch + 1} "
+                                f"(step {step}); lower train.lr (it was {lr:g})")
         row = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"],
                "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                "val_loss": val.loss, "val_acc": val.acc, "time_s": result.train_time_s}

@@ -8,6 +8,7 @@ never changes between epochs. A split is therefore decoded once into one uint8 t
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -55,6 +56,44 @@ def resolve_normalization(
     return mean, std
 
 
+# Modes Pillow converts to 8-bit RGB without losing range (palette, grey, alpha, CMYK, ...).
+_EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX",
+                              "CMYK", "YCbCr", "LAB", "HSV"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def to_rgb8(image: Image.Image, path: Path | str) -> Image.Image:
+    """``image`` as 8-bit RGB with its range scaled, not clipped.
+
+    ``convert("RGB")`` clips 16-bit and 32-bit integer pixels at 255 (a 16-bit image turns
+    white) and float pixels in [0, 1] to 0 or 1 (black): here 16-bit greys are divided by 257
+    (65535 → 255), float images in [0, 1] are multiplied by 255 and ones already in [0, 255]
+    kept; anything else is refused with a :class:`DataError` naming the file.
+    """
+    mode = image.mode
+    if mode in _EIGHT_BIT_MODES:
+        return image.convert("RGB")
+    if mode not in _SIXTEEN_BIT_MODES and mode not in ("I", "F"):
+        raise DataError(f"cannot read image {path}: pixel mode {mode!r} is not supported; "
+                        "save it as 8-bit RGB or greyscale")
+    pixels = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(pixels).all():
+        raise DataError(f"cannot read image {path}: it holds NaN or infinite pixel values")
+    lo, hi = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    if mode == "F" and lo >= 0.0 and hi <= 1.0:
+        pixels = pixels * 255.0
+    elif mode == "F" and lo >= 0.0 and hi <= 255.0:
+        pass
+    elif mode != "F" and lo >= 0.0 and hi <= 65535.0:
+        pixels = pixels / 257.0  # 16-bit range (mode I is how Pillow opens many 16-bit PNGs)
+    else:
+        kind = "float" if mode == "F" else "32-bit integer"
+        raise DataError(f"cannot read image {path}: {kind} pixels range over [{lo:g}, {hi:g}], "
+                        "neither [0, 1] nor [0, 255] nor 16-bit; convert it to 8-bit")
+    grey = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+    return grey.convert("RGB")
+
+
 def decode_image(path: Path | str, image_size: int) -> torch.Tensor:
     """One image file as a 3 x image_size x image_size uint8 tensor (RGB, bilinear, antialiased).
 
@@ -62,11 +101,35 @@ def decode_image(path: Path | str, image_size: int) -> torch.Tensor:
     """
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
+            rgb = to_rgb8(image, path)
             resized = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"cannot read image {path}: {exc}") from None
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
+
+
+def check_image(path: Path | str, where: str = "") -> str:
+    """Decode ``path`` cheaply (JPEGs at reduced scale) and return a hash of its bytes.
+
+    Raises :class:`DataError` naming the file (and ``where``: the split file and line that
+    lists it) when it cannot be decoded or converted; the hash finds duplicates across splits.
+    """
+    import hashlib
+
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft("RGB", (64, 64))
+            image.load()
+            to_rgb8(image, path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        prefix = f"{where}: " if where else ""
+        if isinstance(exc, DataError):
+            raise DataError(f"{prefix}{exc}") from None
+        raise DataError(f"{prefix}cannot read image {path}: {exc}") from None
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 class ImageDataset(Dataset):

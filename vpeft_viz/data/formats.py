@@ -61,8 +61,57 @@ FORMAT_HELP = (
 )
 
 
+# A head (and a confusion matrix) beyond this many classes is refused: no task of this lab
+# comes close, and a typo label must not allocate a 100,001-class head.
+MAX_CLASSES = 10_000
+
+
 class DataError(ValueError):
     """Bad task data; the message names the file (and line) to fix."""
+
+
+def _inside(root: Path, rel_path: str, where: str) -> Path:
+    """``root / rel_path``, refused when it leaves ``root`` (absolute, ``..`` or a symlink out)."""
+    if Path(rel_path).is_absolute():
+        raise DataError(f"{where}: image path {rel_path!r} is absolute; split entries must be "
+                        f"relative to the task folder {root}")
+    image = root / rel_path
+    try:
+        image.resolve().relative_to(root)
+    except ValueError:
+        raise DataError(f"{where}: image {rel_path!r} resolves to {image.resolve()}, outside "
+                        f"the task folder {root} ('..' or a symbolic link out)") from None
+    return image
+
+
+def _read_text(path: Path) -> str:
+    """A split file as text; a file that is not UTF-8 is refused naming it and the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte {data[exc.start]:#04x} "
+                        f"at offset {exc.start}); save the split file as UTF-8") from None
+
+
+def _check_classes(num_classes: int, present: set[int], what: str, warnings: list[str],
+                   *, known: bool = False) -> None:
+    """Refuse fewer than two classes, or (unless the count is ``known``, e.g. a VTAB-1k task)
+    a label space mostly made of absent labels (a typo); note smaller gaps."""
+    if len(present) < 2:
+        raise DataError(f"{what}: only {len(present)} class present (label(s) "
+                        f"{sorted(present)}); a classifier needs at least two")
+    if num_classes > MAX_CLASSES:
+        raise DataError(f"{what}: {num_classes} classes exceed the limit of {MAX_CLASSES}")
+    missing = sorted(set(range(num_classes)) - present)
+    if len(missing) > len(present) and not known:
+        raise DataError(f"{what}: labels run to {num_classes - 1} but only {len(present)} "
+                        f"distinct labels are used ({len(missing)} absent); a typo in a label?")
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        warnings.append(f"{len(missing)} of {num_classes} class labels never occur in training "
+                     f"data: {shown}")
 
 
 @dataclass(frozen=True)
@@ -71,6 +120,7 @@ class Sample:
 
     path: Path  # absolute path of the image file
     label: int
+    where: str = field(default="", compare=False)  # split file and line listing it, if any
 
 
 @dataclass
@@ -84,6 +134,7 @@ class TaskSplits:
     splits: dict[str, list[Sample]]  # keys exactly "train", "val", "test"
     class_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)  # facts about the split worth showing a user
+    warnings: list[str] = field(default_factory=list)  # likely mistakes, recorded in each run
 
     def describe(self) -> dict:
         """A JSON-able summary for run configs and the dashboard's task card."""
@@ -127,28 +178,27 @@ def _missing_split_file(root: Path, missing: list[str], expected: tuple[str, ...
 def _parse_vtab_file(path: Path, root: Path) -> list[tuple[Sample, int]]:
     """Samples of one VTAB split file, each with its 1-based line number, checked line by line."""
     entries: list[tuple[Sample, int]] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            text = raw.strip()
-            if not text:
-                continue
-            parts = text.rsplit(None, 1)
-            where = f"{path}, line {line_no}"
-            if len(parts) != 2:
-                raise DataError(f"{where}: malformed line {text!r}; expected 'relative/path label'")
-            rel_path, label_text = parts
-            try:
-                label = int(label_text)
-            except ValueError:
-                raise DataError(
-                    f"{where}: label {label_text!r} is not an integer in line {text!r}"
-                ) from None
-            if label < 0:
-                raise DataError(f"{where}: negative label {label} in line {text!r}")
-            image = root / rel_path
-            if not image.is_file():
-                raise DataError(f"{where}: image {image} listed in {path.name} does not exist")
-            entries.append((Sample(image, label), line_no))
+    for line_no, raw in enumerate(_read_text(path).split("\n"), start=1):
+        text = raw.strip()
+        if not text:
+            continue
+        parts = text.rsplit(None, 1)
+        where = f"{path}, line {line_no}"
+        if len(parts) != 2:
+            raise DataError(f"{where}: malformed line {text!r}; expected 'relative/path label'")
+        rel_path, label_text = parts
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise DataError(
+                f"{where}: label {label_text!r} is not an integer in line {text!r}"
+            ) from None
+        if label < 0:
+            raise DataError(f"{where}: negative label {label} in line {text!r}")
+        image = _inside(root, rel_path, where)
+        if not image.is_file():
+            raise DataError(f"{where}: image {image} listed in {path.name} does not exist")
+        entries.append((Sample(image, label, where), line_no))
     if not entries:
         raise DataError(f"{path}: split file is empty (no 'relative/path label' lines)")
     return entries
@@ -181,15 +231,23 @@ def read_vtab(root: Path | str, *, trainval: bool = False) -> TaskSplits:
     entries = {name: _parse_vtab_file(root / name, root) for name in VTAB_SPLIT_FILES}
 
     known = VTAB_NUM_CLASSES.get(root.name)
+    fit_files = ("train800.txt", "val200.txt", "train800val200.txt")
     if known is not None:
         num_classes = known
         why = f"VTAB-1k task {root.name!r} has {known} classes"
     else:
-        fit_files = ("train800.txt", "val200.txt", "train800val200.txt")
-        num_classes = 1 + max(s.label for name in fit_files for s, _ in entries[name])
+        top, top_file, top_line = max((s.label, name, line) for name in fit_files
+                                      for s, line in entries[name])
+        num_classes = 1 + top
         why = "the class count is max label over train800/val200/train800val200 + 1"
     for name in VTAB_SPLIT_FILES:
         _check_range(entries[name], root / name, num_classes, why)
+    notes: list[str] = []
+    warnings: list[str] = []
+    present = {s.label for name in fit_files for s, _ in entries[name]}
+    what = (str(root) if known is not None
+            else f"{root / top_file}, line {top_line} (label {num_classes - 1})")
+    _check_classes(num_classes, present, what, warnings, known=known is not None)
 
     train_file = "train800val200.txt" if trainval else "train800.txt"
     splits = {
@@ -197,8 +255,10 @@ def read_vtab(root: Path | str, *, trainval: bool = False) -> TaskSplits:
         "val": [s for s, _ in entries["val200.txt"]],
         "test": [s for s, _ in entries["test.txt"]],
     }
-    notes = ["val200 is part of the training set (trainval=True): not held out"] if trainval else []
-    return TaskSplits(root.name, "vtab", root, num_classes, splits, notes=notes)
+    if trainval:
+        notes.append("val200 is part of the training set (trainval=True): not held out")
+    return TaskSplits(root.name, "vtab", root, num_classes, splits, notes=notes,
+                      warnings=warnings)
 
 
 def _line_of(text: str, key: str) -> int | None:
@@ -214,13 +274,13 @@ def _line_of(text: str, key: str) -> int | None:
 
 def _json_where(path: Path, key: str) -> str:
     """``"<file>, line <n>"`` for an error about ``key`` of a JSON split (line found on demand)."""
-    line_no = _line_of(path.read_text(encoding="utf-8"), key)
+    line_no = _line_of(_read_text(path), key)
     return f"{path}, line {line_no}" if line_no is not None else str(path)
 
 
 def _parse_fgvc_file(path: Path, root: Path) -> list[tuple[str, Sample]]:
     """(key as written, sample) pairs of one FGVC JSON split; labels still as written."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
 
     def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
         seen: dict[str, object] = {}
@@ -249,6 +309,7 @@ def _parse_fgvc_file(path: Path, root: Path) -> list[tuple[str, Sample]]:
             raise DataError(
                 f"{_json_where(path, rel_path)}: negative label {label} for {rel_path!r}"
             )
+        _inside(root, rel_path, f"{path} (entry {rel_path!r})")
         image = next((base / rel_path for base in bases if (base / rel_path).is_file()), None)
         if image is None:
             tried = ", ".join(str(base / rel_path) for base in bases)
@@ -256,7 +317,8 @@ def _parse_fgvc_file(path: Path, root: Path) -> list[tuple[str, Sample]]:
                 f"{_json_where(path, rel_path)}: image {rel_path!r} listed in {path.name} "
                 f"does not exist (tried {tried})"
             )
-        entries.append((rel_path, Sample(image, label)))
+        _inside(root, str(image.relative_to(root)), f"{path} (entry {rel_path!r})")
+        entries.append((rel_path, Sample(image, label, f"{path} (entry {rel_path!r})")))
     return entries
 
 
@@ -291,10 +353,11 @@ def read_fgvc(root: Path | str) -> TaskSplits:
                     f"({len(fit_ids)} classes there)"
                 )
     splits = {
-        split: [Sample(s.path, class_ids[s.label]) for _, s in entries[f"{split}.json"]]
+        split: [Sample(s.path, class_ids[s.label], s.where) for _, s in entries[f"{split}.json"]]
         for split in SPLIT_NAMES
     }
     notes = [] if contiguous else [f"class ids {fit_ids[0]}..{fit_ids[-1]} mapped to 0..K-1"]
+    _check_classes(len(fit_ids), set(range(len(fit_ids))), f"{root} (train.json/val.json)", [])
     return TaskSplits(
         root.name,
         "fgvc",
@@ -358,9 +421,17 @@ def read_imagefolder(
     if not class_dirs:
         raise DataError(f"{root}: no class subfolders found. {FORMAT_HELP}")
     splits: dict[str, list[Sample]] = {split: [] for split in SPLIT_NAMES}
+    if len(class_dirs) < 2:
+        raise DataError(f"{root}: only one class folder ({class_dirs[0].name}); a classifier "
+                        "needs at least two classes")
+    if len(class_dirs) > MAX_CLASSES:
+        raise DataError(f"{root}: {len(class_dirs)} class folders exceed the limit of "
+                        f"{MAX_CLASSES}")
     largest = 0
     for label, class_dir in enumerate(class_dirs):
         images = _class_images(class_dir)
+        for image in images:
+            _inside(root, str(image.relative_to(root)), str(image))
         if not images:
             raise DataError(
                 f"class folder {class_dir} holds no image files "

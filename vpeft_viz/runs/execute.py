@@ -3,15 +3,24 @@
 ``make_run_config`` validates every part of a request (method config, training recipe, data
 options) before anything is written, so bad input fails fast with a clear message.
 ``execute_run`` then does the whole job for one run: data → backbone → method → training →
-test evaluation → weights, artifacts and summary, keeping ``status.json`` current throughout.
+weights → test evaluation → artifacts and summary, keeping ``status.json`` current throughout.
 The command line and the dashboard's worker processes both call it.
+
+A run ends ``failed`` with the reason when anything goes wrong, including a loss that becomes
+NaN (no weights are saved then); a test phase that fails keeps the weights and validation
+results already written. A cancel (the ``cancel`` flag, or SIGTERM to the process) is
+honoured in every phase and ends the run ``cancelled`` with the epochs finished so far.
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import signal
+import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +30,12 @@ import torch
 from .. import __version__
 from ..backbones import EMBEDDED_BACKBONE, create_backbone, image_size, input_stats
 from ..config import ConfigError
-from ..data import check_data_spec, resolve_data
+from ..data import check_data_spec, check_task_files, resolve_data
 from ..data.dataset import NORMALIZATIONS, ImageDataset, make_loader, resolve_normalization
 from ..methods import attach_method, count_parameters, create_method, trainable_state
 from ..train import (
     Callback,
+    Cancelled,
     TrainConfig,
     autocast_dtype,
     evaluate,
@@ -35,7 +45,7 @@ from ..train import (
     resolve_device,
     seed_everything,
 )
-from .store import Run
+from .store import Run, atomic_write_bytes, owner_fields
 
 
 def versions() -> dict[str, str]:
@@ -57,13 +67,19 @@ def make_run_config(*, method: str, data: str, backbone: str | None = None,
         raise ConfigError(f"data.normalization must be one of {', '.join(NORMALIZATIONS)}; "
                           f"got {normalization!r}")
     check_data_spec(data)
+    # Every image of every split is decoded now, before a run directory exists, so a broken
+    # file is named with its split file and line instead of failing the run after training.
+    warnings = check_task_files(data, seed=t.seed)
     name = data.split(":", 1)[1] if data.startswith("embedded:") else Path(data).name
+    data_cfg: dict[str, Any] = {"spec": data, "name": name, "normalization": normalization}
+    if warnings:
+        data_cfg["warnings"] = warnings
     return {
         "method": method,
         "method_config": m.config.to_dict(),
         "backbone": {"name": backbone or EMBEDDED_BACKBONE, "pretrained": pretrained,
                      "checkpoint": checkpoint},
-        "data": {"spec": data, "name": name, "normalization": normalization},
+        "data": data_cfg,
         "train": t.to_dict(),
         "versions": versions(),
     }
@@ -96,14 +112,60 @@ class RunRecorder(Callback):
         return self.run.cancel_requested()
 
 
-def build_loaders(task, model, cfg: dict, train_cfg: TrainConfig):
+def stop_if_cancelled(run: Run) -> None:
+    """Raise :class:`Cancelled` when a cancel was requested (checked between phases)."""
+    if run.cancel_requested():
+        raise Cancelled(f"cancelled during the {run.status().get('progress', {}).get('phase')} "
+                        "phase")
+
+
+class Terminated(BaseException):
+    """A second SIGTERM: stop now, whatever the run is doing."""
+
+
+@contextlib.contextmanager
+def _sigterm_cancels(run: Run) -> Iterator[list[int]]:
+    """While the run executes, SIGTERM requests a cancel (the run stops at its next step or
+    phase and ends ``cancelled`` with what it finished); a second SIGTERM stops it at once.
+    Yields a list that receives the signal numbers seen. Only in the main thread (Python
+    delivers signals there); elsewhere nothing changes."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def handler(signum: int, frame) -> None:
+        seen.append(signum)
+        if len(seen) > 1:
+            raise Terminated(f"stopped by signal {signum}")
+        try:
+            run.request_cancel()
+        except OSError:  # no room for the flag: stop at once instead
+            raise Terminated(f"stopped by signal {signum}") from None
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def build_loaders(task, model, cfg: dict, train_cfg: TrainConfig,
+                  stop: Callable[[], None] | None = None):
+    """Loaders of the three splits, train and val decoded now (``stop()`` is called every
+    100 images so a cancel is honoured while decoding)."""
     mean, std = resolve_normalization(cfg["data"]["normalization"], *input_stats(model))
     size = image_size(model)
     datasets = {split: ImageDataset(task.splits[split], image_size=size, mean=mean, std=std,
                                     num_classes=task.num_classes)
                 for split in ("train", "val", "test")}
-    datasets["train"].preload()
-    datasets["val"].preload()
+
+    def progress(done: int, total: int) -> None:
+        if stop is not None and (done % 100 == 0 or done == total):
+            stop()
+
+    datasets["train"].preload(progress)
+    datasets["val"].preload(progress)
     loaders = {
         "train": make_loader(datasets["train"], batch_size=train_cfg.batch_size, shuffle=True,
                              seed=train_cfg.seed),
@@ -119,21 +181,32 @@ def execute_run(run: Run, callbacks: list[Callback] | None = None) -> dict[str, 
     """Run the training a run directory describes; returns the summary.
 
     Failures are recorded in ``status.json`` (status ``failed`` and the error text, the
-    traceback in ``error.txt``) and re-raised; a requested cancel ends as ``cancelled`` with
-    the metrics recorded so far.
+    traceback in ``error.txt``) and re-raised; a requested cancel (or SIGTERM) ends as
+    ``cancelled`` with the metrics recorded so far. The status records this process as the
+    run's owner, so a run whose process is killed is reported ``failed``, not ``running``.
     """
     cfg = run.config
-    run.set_status("running", started=time.time(), error=None)
-    try:
-        summary = _execute(run, cfg, list(callbacks or []))
-    except BaseException as e:
-        from .store import atomic_write_bytes
-
-        atomic_write_bytes(run.path / "error.txt", traceback.format_exc().encode())
-        run.set_status("failed", error=f"{type(e).__name__}: {e}", finished=time.time())
-        raise
-    status = "cancelled" if summary.get("cancelled") else "done"
-    run.set_status(status, finished=time.time())
+    warnings = list(cfg.get("data", {}).get("warnings") or [])
+    run.set_status("running", started=time.time(), error=None, warnings=warnings,
+                   **owner_fields())
+    with _sigterm_cancels(run) as signals:
+        try:
+            summary = _execute(run, cfg, list(callbacks or []))
+        except Cancelled as e:
+            why = f"{e} (SIGTERM)" if signals else str(e)
+            run.set_status("cancelled", error=why, finished=time.time())
+            return {"run_id": run.id, "cancelled": True, "epochs_done": 0,
+                    "warnings": warnings}
+        except BaseException as e:
+            with contextlib.suppress(OSError):  # a full disk must not hide the real error
+                atomic_write_bytes(run.path / "error.txt", traceback.format_exc().encode())
+            run.set_status("failed", error=f"{type(e).__name__}: {e}", finished=time.time())
+            raise
+    if summary.get("cancelled"):
+        why = "stopped by SIGTERM" if signals else None
+        run.set_status("cancelled", error=why, finished=time.time())
+    else:
+        run.set_status("done", finished=time.time())
     return summary
 
 
@@ -146,19 +219,26 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
     seed_everything(train_cfg.seed)
 
     run.update_progress(phase="data")
+    stop_if_cancelled(run)
     task = resolve_data(cfg["data"]["spec"], seed=train_cfg.seed)
+    stop_if_cancelled(run)
     bb = cfg["backbone"]
     model = create_backbone(bb["name"], num_classes=task.num_classes,
                             pretrained=bb["pretrained"], checkpoint=bb["checkpoint"])
     backbone_params = sum(p.numel() for n, p in model.named_parameters()
                           if not n.startswith("head."))
-    loaders = build_loaders(task, model, cfg, train_cfg)
+    stop_if_cancelled(run)
+    loaders = build_loaders(task, model, cfg, train_cfg, stop=lambda: stop_if_cancelled(run))
 
     if method.needs_data:
         run.update_progress(phase="prepare")
-        method.prepare(model, loaders["train"], device=device,
-                       progress=lambda done, total: run.update_progress(
-                           phase="prepare", prepare_done=done, prepare_total=total))
+
+        def prepare_progress(done: int, total: int) -> None:
+            run.update_progress(phase="prepare", prepare_done=done, prepare_total=total)
+            stop_if_cancelled(run)
+
+        method.prepare(model, loaders["train"], device=device, progress=prepare_progress)
+        stop_if_cancelled(run)
         run.write_method_state(method.state())
     attach_method(model, method)
     counts = count_parameters(model, method)
@@ -176,18 +256,25 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
         "total_params": counts["total"], "backbone_params": backbone_params,
         "train_time_s": result.train_time_s, "images_per_s": result.images_per_s,
         "device": str(device), "cancelled": result.cancelled,
+        "warnings": list(cfg["data"].get("warnings") or []),
     }
     if result.cancelled:
         run.write_summary(summary)
         return summary
 
+    # Weights and validation results first: a test phase that fails keeps the training.
+    summary["weight_bytes"] = run.save_weights(trainable_state(model))
+    run.write_summary(summary)
     run.update_progress(phase="test")
     amp = autocast_dtype(train_cfg.precision, device)
-    test = evaluate(model, loaders["test"], task.num_classes, device=device, amp=amp)
+    try:
+        test = evaluate(model, loaders["test"], task.num_classes, device=device, amp=amp)
+    except Exception as e:
+        raise RuntimeError(f"test phase failed (trained weights and validation results are "
+                           f"kept in the run): {e}") from e
     sample = next(iter(loaders["test"]))[0][:1].to(device)
     summary.update({
         "test_acc": test.acc, "test_loss": test.loss,
-        "weight_bytes": run.save_weights(trainable_state(model)),
         "peak_memory_bytes": peak_memory_bytes(device),
         "flops_per_image": flops_per_image(model, sample),
     })

@@ -10,7 +10,8 @@ CPU slot by default (``$VPEFT_VIZ_CPU_WORKERS`` raises it).
 A run is taken by creating ``<run>/claim`` with ``O_CREAT | O_EXCL`` (atomic on a local file
 system): a worker claims a run to execute it, the dashboard claims a queued run to cancel
 it, and whoever comes second backs off. A worker that dies mid-run leaves ``running`` on
-disk; :func:`queue_state` notices the dead pid and marks the run ``failed``.
+disk; reading the run's status notices the dead owner (pid and start time, see
+:mod:`vpeft_viz.runs.store`) and marks the run ``failed``.
 
 Everything the queue writes (lock files, the worker log) lives inside the store.
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import REPO_ROOT
-from .store import FINISHED, Run, RunStore, RunStoreError
+from .store import FINISHED, Run, RunStore, RunStoreError, owner_fields
 
 CLAIM_FILE = "claim"
 WORKER_LOG = ".worker.log"
@@ -194,17 +195,8 @@ def try_claim(run: Run, owner: str) -> bool:
             return False
         raise
     with os.fdopen(fd, "w") as f:
-        json.dump({"owner": owner, "pid": os.getpid(), "time": time.time()}, f)
+        json.dump({"owner": owner, **owner_fields(), "time": time.time()}, f)
     return True
-
-
-def claim_info(run: Run) -> dict[str, Any] | None:
-    try:
-        return json.loads((run.path / CLAIM_FILE).read_text() or "{}")
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError):
-        return {}  # being written right now
 
 
 # -- the queue ------------------------------------------------------------------------------
@@ -258,19 +250,23 @@ class QueueState:
     running: list[Job] = field(default_factory=list)
     recent: list[Job] = field(default_factory=list)  # finished, newest first
     workers: dict[str, int | None] = field(default_factory=dict)  # slot → pid (None: idle)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (run id, reason)
 
     @property
     def active(self) -> bool:
         return bool(self.queued or self.running)
 
 
-def _jobs(store: RunStore) -> list[Job]:
+def _jobs(store: RunStore, unreadable: list[tuple[str, str]] | None = None) -> list[Job]:
+    """Every readable run (status read once, stale owners repaired by the read); the others
+    go to ``unreadable`` as (run id, reason)."""
     jobs = []
     for run in store.list():
         try:
             jobs.append(Job(run, run.status(), run.config))
-        except RunStoreError:
-            continue  # a corrupt or half-deleted run is the run list's problem, not the queue's
+        except RunStoreError as e:
+            if unreadable is not None:
+                unreadable.append((run.id, str(e)))
     return jobs
 
 
@@ -281,14 +277,12 @@ def queued_jobs(store: RunStore) -> list[Job]:
 
 
 def queue_state(store: RunStore, *, recent: int = 8) -> QueueState:
-    """What the dashboard shows; marks runs whose process died as ``failed`` on the way."""
-    jobs = _jobs(store)
-    if not store.read_only:
-        for job in jobs:
-            mark_if_stale(job)
+    """What the dashboard shows; runs whose process died read (and are marked) ``failed``."""
+    unreadable: list[tuple[str, str]] = []
+    jobs = _jobs(store, unreadable)
     slots = device_slots()
     state = QueueState(workers={s: worker_pid(store, s) for kind in ("cuda", "cpu")
-                                for s in slots[kind]})
+                                for s in slots[kind]}, unreadable=unreadable)
     for job in jobs:
         if job.state == "queued":
             state.queued.append(job)
@@ -299,31 +293,6 @@ def queue_state(store: RunStore, *, recent: int = 8) -> QueueState:
     done = sorted((j for j in jobs if j.state in FINISHED), key=lambda j: -j.finished)
     state.recent = done[:recent]
     return state
-
-
-def mark_if_stale(job: Job) -> bool:
-    """Mark a run ``failed`` when the process that owns it is gone; returns whether it did.
-
-    ``running`` runs record the pid executing them; a ``queued`` run that a worker claimed
-    but never started has the worker's pid in its claim. Runs without a recorded pid (for
-    example ones the command line is executing) are never touched.
-    """
-    pid = None
-    if job.state == "running":
-        pid = job.status.get("pid")
-    elif job.state == "queued":
-        claim = claim_info(job.run)
-        if claim and claim.get("owner", "").startswith("worker"):
-            pid = claim.get("pid")
-    if not pid or pid_alive(int(pid)):
-        return False
-    fresh = job.run.status()  # it may have finished between the two reads
-    if fresh.get("status") != job.state:
-        job.status = fresh
-        return False
-    job.run.set_status("failed", error=f"worker process died (pid {pid})", finished=time.time())
-    job.status = job.run.status()
-    return True
 
 
 def cancel(run: Run) -> str:

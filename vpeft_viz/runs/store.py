@@ -15,14 +15,30 @@
         cancel               present when a cancel was requested
 
 Every file is written atomically (temp file in the same directory, then ``os.replace``), so a
-crash never leaves a half-written file for the dashboard to trip on.
+crash never leaves a half-written file for the dashboard to trip on. Non-finite floats are
+written as ``null``: every file is strict JSON.
+
+Every run file is read through :func:`read_json` (``metrics.jsonl`` through
+:meth:`Run.metrics`), which checks its shape against :data:`RUN_FILE_CHECKS` and raises
+:class:`RunStoreError` naming the file and the bad field, so one corrupt run is reported as
+unreadable and never crashes a page, the queue or the command line.
+
+Every run records the process that owns it (``pid``, ``pid_start`` from ``/proc`` so a
+reused pid is not mistaken for it, and ``host``): in ``status.json`` while running, in
+``claim`` while a claimed run starts. :meth:`Run.status` reports a ``running`` (or claimed
+``queued``) run whose owner is gone as ``failed`` and, in a writable store, records it.
+``status.json`` is padded to whole blocks so that on a full disk the final status can still
+be written in place (see :meth:`Run.set_status`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import re
+import socket
 import tempfile
 import time
 import uuid
@@ -63,7 +79,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, default=_jsonable) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+def json_bytes(obj: Any, indent: int | None = 1) -> bytes:
+    """Strict JSON (NaN and infinities become ``null``), numpy values and paths converted."""
+    text = json.dumps(finite_json(obj), indent=indent, default=_jsonable, allow_nan=False)
+    return (text + "\n").encode()
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return finite_json(obj.tolist())
+    return obj
 
 
 def _jsonable(o: Any) -> Any:
@@ -76,13 +111,248 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+# -- validation of what is read ------------------------------------------------------------
+class _Bad(ValueError):
+    """A field of a run file has the wrong type (message: which field, what it holds)."""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _number(d: dict, key: str, *, integer: bool = False, where: str = "") -> None:
+    v = d.get(key)
+    if v is None:
+        return
+    ok = isinstance(v, int) and not isinstance(v, bool) if integer else _is_number(v)
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        raise _Bad(f"{where}{key} must be {kind} or null, got {v!r:.60}")
+
+
+def _string(d: dict, key: str, *, required: bool = False, where: str = "") -> None:
+    v = d.get(key)
+    if v is None and not required:
+        return
+    if not isinstance(v, str):
+        raise _Bad(f"{where}{key} must be a string, got {v!r:.60}")
+
+
+def _object(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Bad(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _string_list(d: dict, key: str) -> None:
+    v = d.get(key)
+    if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+        raise _Bad(f"{key} must be a list of strings, got {v!r:.60}")
+
+
+_STATUS_TIMES = ("created", "started", "finished", "updated")
+_PROGRESS_NUMBERS = ("step", "steps", "epochs", "loss", "elapsed_s", "eta_s", "prepare_done",
+                     "prepare_total")
+_SUMMARY_NUMBERS = ("num_classes", "seed", "epochs", "epochs_done", "best_epoch", "val_acc",
+                    "trainable_params", "trainable_params_excl_head", "total_params",
+                    "backbone_params", "train_time_s", "images_per_s", "test_acc", "test_loss",
+                    "weight_bytes", "peak_memory_bytes", "flops_per_image")
+_METRIC_NUMBERS = ("step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "time_s")
+
+
+def check_status(value: Any) -> dict:
+    d = _object(value, "status.json")
+    status = d.get("status", "queued")
+    if status not in STATUSES:
+        raise _Bad(f"status must be one of {', '.join(STATUSES)}, got {status!r:.60}")
+    for key in _STATUS_TIMES:
+        _number(d, key)
+    for key in ("pid", "worker_pid", "pid_start"):
+        _number(d, key, integer=True)
+    for key in ("error", "host", "slot"):
+        _string(d, key)
+    _string_list(d, "warnings")
+    progress = _object(d.get("progress", {}), "status.json progress")
+    for key in _PROGRESS_NUMBERS:
+        _number(progress, key, where="progress.")
+    _string(progress, "phase", where="progress.")
+    return d
+
+
+def check_config(value: Any) -> dict:
+    d = _object(value, "config.json")
+    _string(d, "method")
+    for key in ("method_config", "train", "backbone", "data"):
+        _object(d.get(key, {}), f"config.json {key}")
+    _string(d.get("backbone", {}), "name", where="backbone.")
+    for key in ("spec", "name"):
+        _string(d.get("data", {}), key, where="data.")
+    _string_list(d.get("data", {}), "warnings")
+    return d
+
+
+def check_summary(value: Any) -> dict:
+    d = _object(value, "summary.json")
+    for key in _SUMMARY_NUMBERS:
+        _number(d, key)
+    for key in ("run_id", "method", "backbone", "task", "device", "error"):
+        _string(d, key)
+    _string_list(d, "warnings")
+    return d
+
+
+def check_metrics_row(value: Any) -> dict:
+    d = _object(value, "a metrics line")
+    _number(d, "epoch", integer=True)
+    for key in _METRIC_NUMBERS:
+        _number(d, key)
+    return d
+
+
+def check_eval(value: Any) -> dict:
+    d = _object(value, "eval.json")
+    names = d.get("class_names")
+    if names is not None and not (isinstance(names, list)
+                                  and all(isinstance(n, str | int) for n in names)):
+        raise _Bad(f"class_names must be a list of names or null, got {names!r:.60}")
+    confusion = d.get("test_confusion")
+    if confusion is not None:
+        if not (isinstance(confusion, list) and all(
+                isinstance(row, list) and len(row) == len(confusion)
+                and all(_is_number(c) for c in row) for row in confusion)):
+            raise _Bad("test_confusion must be a square list of lists of counts or null")
+    acc = d.get("test_per_class_acc")
+    if acc is not None and not (isinstance(acc, list)
+                                and all(a is None or _is_number(a) for a in acc)):
+        raise _Bad(f"test_per_class_acc must be a list of numbers or null, got {acc!r:.60}")
+    return d
+
+
+def check_claim(value: Any) -> dict:
+    d = _object(value, "claim")
+    _string(d, "owner")
+    _string(d, "host")
+    _number(d, "pid", integer=True)
+    _number(d, "pid_start", integer=True)
+    _number(d, "time")
+    return d
+
+
+def _check_object(value: Any) -> dict:
+    return _object(value, "the file")
+
+
+# Run file name → its check; read_json applies it to any file of that name it reads.
+RUN_FILE_CHECKS = {"status.json": check_status, "config.json": check_config,
+                   "summary.json": check_summary, "eval.json": check_eval,
+                   "method_state.json": _check_object, "claim": check_claim}
+
+
 def read_json(path: Path, default: Any = None) -> Any:
+    """A JSON file, checked when it is a run file (:data:`RUN_FILE_CHECKS`); ``default`` when
+    absent. Anything unreadable or wrongly shaped raises :class:`RunStoreError` naming it."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return default
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise RunStoreError(f"corrupt file {path}: {e}") from e
+    except OSError as e:
+        raise RunStoreError(f"cannot read {path}: {e.strerror or e}") from e
+    check = RUN_FILE_CHECKS.get(path.name)
+    if check is not None:
+        try:
+            check(value)
+        except _Bad as e:
+            raise RunStoreError(f"corrupt file {path}: {e}") from None
+    return value
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (empty when absent), each checked; RunStoreError names
+    the file and line of the first bad one."""
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    except UnicodeDecodeError as e:
+        raise RunStoreError(f"corrupt file {path}: {e}") from e
+    except OSError as e:
+        raise RunStoreError(f"cannot read {path}: {e.strerror or e}") from e
+    rows = []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(check_metrics_row(json.loads(line)))
+        except (json.JSONDecodeError, RecursionError, _Bad) as e:
+            raise RunStoreError(f"corrupt file {path}, line {no}: {e}") from None
+    return rows
+
+
+# -- owning processes -------------------------------------------------------------------------
+HOST = socket.gethostname()
+
+
+def process_start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, ``/proc/<pid>/stat`` field 22), or None
+    when it does not exist, is a zombie, or there is no procfs.
+
+    Together with the pid it names one process for good: a pid reused later by another
+    process has another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def owner_fields() -> dict[str, Any]:
+    """What identifies this process as a run's owner (recorded in status.json and claims)."""
+    pid = os.getpid()
+    return {"pid": pid, "pid_start": process_start_time(pid), "host": HOST}
+
+
+def owner_gone(record: dict[str, Any]) -> bool:
+    """Whether the process a status or claim names has ended (False when it cannot tell:
+    no pid, or a pid of another host)."""
+    pid = record.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    if record.get("host") not in (None, HOST):
+        return False
+    if not Path("/proc/self/stat").exists():  # no procfs: signal 0 tells existence only
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    start = process_start_time(pid)
+    if start is None:
+        return True
+    recorded = record.get("pid_start")
+    return recorded is not None and recorded != start
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+STATUS_BLOCK = 4096  # status.json is padded to whole blocks (see Run.set_status)
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id is one plain directory name: no separators, no ``..``, no leading dot."""
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise RunStoreError(f"invalid run id {run_id!r}: letters, digits, '.', '_' and '-' "
+                            "only, starting with a letter or digit, no '..'")
+    return run_id
 
 
 def _slug(text: str) -> str:
@@ -116,18 +386,49 @@ class Run:
         return cfg
 
     def status(self) -> dict[str, Any]:
-        return read_json(self._file("status.json"), {"status": "queued"})
+        """``status.json``, checked; a run whose owning process is gone reads as ``failed``
+        (and is recorded so when the store is writable)."""
+        for _ in range(3):
+            current = read_json(self._file("status.json"), {"status": "queued"})
+            why = self._owner_gone(current)
+            if why is None:
+                return current
+            # The owner may have finished the run between the read and the check: re-read.
+            again = read_json(self._file("status.json"), {"status": "queued"})
+            if again != current:
+                continue
+            repaired = {**current, "status": "failed", "error": why, "finished": time.time(),
+                        "updated": time.time()}
+            if not self.read_only:
+                try:
+                    self._write_status(repaired)
+                except OSError:
+                    pass  # a full or read-only disk: still report what happened
+            return repaired
+        return current
+
+    def _owner_gone(self, status: dict[str, Any]) -> str | None:
+        """Why a running (or claimed queued) run can never finish, or None."""
+        state = status.get("status", "queued")
+        if state == "running" and owner_gone(status):
+            return (f"the process running it (pid {status['pid']}) ended without finishing "
+                    "it (killed, out of memory, or the machine stopped)")
+        if state == "queued":
+            claim = self.claim()
+            if claim and owner_gone(claim):
+                return (f"the process that took it from the queue (pid {claim['pid']}, "
+                        f"{claim.get('owner', '?')}) ended before it started")
+        return None
+
+    def claim(self) -> dict[str, Any] | None:
+        """Who took this run (see ``queue.try_claim``); {} while being written or unreadable."""
+        try:
+            return read_json(self._file("claim"))
+        except RunStoreError:
+            return {}
 
     def metrics(self) -> list[dict[str, Any]]:
-        path = self._file("metrics.jsonl")
-        try:
-            lines = path.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        try:
-            return [json.loads(line) for line in lines if line.strip()]
-        except json.JSONDecodeError as e:
-            raise RunStoreError(f"corrupt file {path}: {e}") from e
+        return read_metrics(self._file("metrics.jsonl"))
 
     def summary(self) -> dict[str, Any] | None:
         return read_json(self._file("summary.json"))
@@ -138,6 +439,20 @@ class Run:
     @property
     def weights_path(self) -> Path:
         return self._file("weights.safetensors")
+
+    def problem(self) -> str | None:
+        """Why this run cannot be read (the first corrupt file, named), or None when every
+        run file reads and checks."""
+        try:
+            _ = self.config
+            self.status()
+            self.summary()
+            self.metrics()
+            self.method_state()
+            read_json(self._file("artifacts") / "eval.json")
+        except RunStoreError as e:
+            return str(e)
+        return None
 
     def cancel_requested(self) -> bool:
         return self._file("cancel").exists()
@@ -163,24 +478,67 @@ class Run:
         self._writable()
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
-        current = self.status()
+        current = self._status_for_update()
         current.update(fields, status=status, updated=time.time())
-        atomic_write_json(self._file("status.json"), current)
+        self._write_status(current)
 
     def update_progress(self, **progress: Any) -> None:
         self._writable()
-        current = self.status()
+        current = self._status_for_update()
         current["progress"] = {**current.get("progress", {}), **progress}
         current["updated"] = time.time()
-        atomic_write_json(self._file("status.json"), current)
+        self._write_status(current)
+
+    def _status_for_update(self) -> dict[str, Any]:
+        """The status to update; a corrupt one is replaced (the writer knows the truth)."""
+        try:
+            return read_json(self._file("status.json"), {"status": "queued"})
+        except RunStoreError:
+            return {"status": "queued"}
+
+    def _write_status(self, status: dict[str, Any]) -> None:
+        """Write ``status.json`` padded to whole blocks; on a full disk, overwrite it in place.
+
+        A full disk fails the atomic write (its temp file needs new space), but the blocks the
+        padded file already holds can be rewritten: the final ``failed`` (or a trimmed status)
+        still reaches the disk. Should even that not fit, the reader reports the run from
+        what is there.
+        """
+        path = self._file("status.json")
+        data = json_bytes(status)
+        data = data[:-1] + b" " * (-len(data) % STATUS_BLOCK) + b"\n"
+        try:
+            atomic_write_bytes(path, data)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._overwrite_status(status):
+                raise
+
+    def _overwrite_status(self, status: dict[str, Any]) -> bool:
+        keep = ("status", "error", "created", "started", "finished", "updated", "pid",
+                "pid_start", "host")
+        trimmed = {k: status[k] for k in keep if k in status}
+        if isinstance(trimmed.get("error"), str):
+            trimmed["error"] = trimmed["error"][:1000]
+        trimmed["disk_full"] = True
+        try:
+            size = self._file("status.json").stat().st_size
+        except OSError:
+            return False
+        for candidate in ({**status, "disk_full": True}, trimmed):
+            data = json_bytes(candidate, indent=None)[:-1]
+            if len(data) < size:
+                with open(self._file("status.json"), "r+b") as f:
+                    f.write(data + b" " * (size - len(data) - 1) + b"\n")
+                return True
+        return False
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         # The file is rewritten whole and atomically: epochs are few, and a reader never sees
         # a half-written line.
         self._writable()
         rows = self.metrics() + [row]
-        text = "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows)
-        atomic_write_bytes(self._file("metrics.jsonl"), text.encode())
+        atomic_write_bytes(self._file("metrics.jsonl"),
+                           b"".join(json_bytes(r, indent=None) for r in rows))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self._writable()
@@ -244,7 +602,7 @@ class RunStore:
             task = str(config.get("data", {}).get("name", "data"))
             run_id = "-".join([stamp, _slug(config.get("method", "run")), _slug(task),
                                f"s{config.get('train', {}).get('seed', 0)}", uuid.uuid4().hex[:6]])
-        path = self.root / run_id
+        path = self.root / check_run_id(run_id)
         path.mkdir(parents=True, exist_ok=False)
         run = Run(path)
         atomic_write_json(path / "config.json", config)
@@ -252,7 +610,7 @@ class RunStore:
         return run
 
     def get(self, run_id: str) -> Run:
-        path = self.root / run_id
+        path = self.root / check_run_id(run_id)
         if not (path / "config.json").is_file():
             raise RunStoreError(f"no run {run_id!r} in {self.root}")
         return Run(path, read_only=self.read_only)

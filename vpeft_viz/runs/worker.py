@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from . import queue
-from .store import Run, RunStore
+from .store import Run, RunStore, RunStoreError, owner_fields, read_json
 
 GRACE_S = 2.0  # idle time before exiting (runs submitted right after one ends need no restart)
 POLL_S = 0.25
@@ -99,7 +99,7 @@ def _child(run_path: str, slot: str, threads: int) -> None:
     if run.cancel_requested():  # cancelled between the claim and now
         run.set_status("cancelled", finished=time.time(), error=None)
         return
-    run.set_status("running", pid=os.getpid(), worker_pid=os.getppid(), slot=slot)
+    run.set_status("running", **owner_fields(), worker_pid=os.getppid(), slot=slot)
     try:
         execute_run(run)
     except BaseException:  # already recorded in status.json and error.txt by execute_run
@@ -124,7 +124,11 @@ def execute_in_child(run: Run, slot: str, threads: int) -> None:
 
 
 def _fail_if_unfinished(run: Run, proc: multiprocessing.process.BaseProcess) -> None:
-    if run.status().get("status") in ("queued", "running"):
+    try:  # the file as written (Run.status would already report the dead child, less precisely)
+        state = read_json(run.path / "status.json", {}).get("status", "queued")
+    except RunStoreError:
+        state = "running"
+    if state in ("queued", "running"):
         code = proc.exitcode
         why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         run.set_status("failed", error=f"run process died ({why}, pid {proc.pid})",

@@ -141,9 +141,18 @@ def parse_seeds(text: str) -> list[int]:
                 lo, hi = (int(x) for x in part.split("-", 1))
                 if hi < lo:
                     raise ValueError
+                # Size first: a range is expanded only when it fits the cap, so "0-2147483647"
+                # is refused at once instead of building two billion ints.
+                if hi - lo + 1 > MAX_SEEDS:
+                    raise ConfigError(f"seeds: at most {MAX_SEEDS} per launch; the range "
+                                      f"{part!r} holds {hi - lo + 1}")
                 seeds.extend(range(lo, hi + 1))
             else:
                 seeds.append(int(part))
+            if len(set(seeds)) > MAX_SEEDS:
+                raise ConfigError(f"seeds: at most {MAX_SEEDS} per launch, got more")
+        except ConfigError:
+            raise
         except ValueError:
             raise ConfigError(f"seeds: {part!r} is not a seed or a range like 0-2 "
                               "(give integers separated by commas)") from None

@@ -59,6 +59,9 @@ def _panel(store: RunStore, was_active: bool) -> None:
         st.markdown("**Recent runs**")
         for job in state.recent:
             finished_row(job)
+    if state.unreadable:
+        with st.expander(f"{len(state.unreadable)} run(s) could not be read"):
+            st.code("\n".join(f"{run_id}: {why}" for run_id, why in state.unreadable))
 
 
 def running_card(job: queue.Job) -> None:

@@ -21,7 +21,7 @@ from ..analysis.compare import (
     load_runs,
     seed_eval,
 )
-from ..runs.store import RunStore
+from ..runs.store import RunStore, RunStoreError, read_metrics
 
 SOURCE_LABELS = {"cached": "shipped cached_runs/", "user": "your runs"}
 
@@ -110,8 +110,18 @@ def run_filters(runs: pd.DataFrame, *, key: str = "runs") -> pd.DataFrame:
 # Finished runs do not change, so their curves and evaluations are cached by run path.
 @st.cache_data(max_entries=64, show_spinner=False)
 def run_curves(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per-epoch metrics of the given runs (see ``analysis.compare.load_curves``)."""
-    return load_curves(runs)
+    """Per-epoch metrics of the given runs (see ``analysis.compare.load_curves``); runs whose
+    ``metrics.jsonl`` does not pass the store's reader are left out instead of breaking the
+    figure."""
+    return load_curves(runs[[_metrics_readable(p) for p in runs["path"]]])
+
+
+def _metrics_readable(path: str) -> bool:
+    try:
+        read_metrics(Path(path) / "metrics.jsonl")
+    except RunStoreError:
+        return False
+    return True
 
 
 @st.cache_data(max_entries=256, show_spinner=False)

@@ -218,3 +218,26 @@ def test_measure_test_split_records_what_the_view_needs(tiny_vit):
     assert art["attention_overlap"].shape == art["attention_chance"].shape == (depth,)
     assert np.all((art["attention_overlap"] >= 0) & (art["attention_overlap"] <= 1))
     assert art["latency_b1_dispatch_ms"] > 0 and art["latency_batch_size"] == 8
+
+
+def test_a_dyt_run_stores_its_test_split_measurements(tmp_path):
+    from conftest import write_vtab_task
+
+    from vpeft_viz.runs import RunStore
+    from vpeft_viz.runs.execute import execute_run, make_run_config
+
+    task = write_vtab_task(tmp_path / "colours", sizes=(16, 6, 20))
+    cfg = make_run_config(method="dyt", data=str(task), pretrained=False,
+                          method_config={"r": 0.3},
+                          train={"epochs": 1, "batch_size": 8, "eval_batch_size": 8})
+    run = RunStore(tmp_path / "store").create(cfg)
+    summary = execute_run(run)
+    art = run.load_artifact("method.npz")
+    n_test, patches = 20, 64  # embedded backbone: 32 px images, 4 px patches
+    assert art["image_layer_rate"].shape[0] == n_test == art["flops_per_image"].shape[0]
+    depth = art["image_layer_rate"].shape[1]
+    assert art["mean_mask"].shape == (depth, patches) and tuple(art["grid"]) == (8, 8)
+    assert art["sample_masks"].shape == (SAMPLE_IMAGES, depth, patches)
+    assert art["labels"].tolist() == [i % 3 for i in range(n_test)]
+    assert (art["preds"] == art["labels"]).mean() == pytest.approx(summary["test_acc"])
+    assert art["attention_overlap"].shape == (depth,)

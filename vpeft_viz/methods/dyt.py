@@ -189,7 +189,7 @@ def dyt_loss(dynamic: torch.Tensor, complete: torch.Tensor, masks: torch.Tensor,
 class DyT(PeftMethod):
     Config = DyTConfig
     title = "DyT"
-    view_page = None  # the page comes with the view
+    view_page = "6_DyT.py"
     cached_seeds = (0,)
     vit_b_counts = (({}, 165_996), ({"rank": 16}, 313_548))  # 18,444 · (rank + 1)
     summary = ("Let a tiny scorer in every block decide which image patches go through the "

@@ -65,6 +65,7 @@ from ._registry import register_method
 
 SAMPLE_IMAGES = 16  # test images whose masks and probabilities are stored for overlays
 ATTENTION_IMAGES = 256  # test images of the kept-tokens vs CLS-attention comparison
+ATTENTION_CHUNK = 8  # images per attention probe call (ViT-B: ~180 MB of maps)
 RATE_WEIGHT = 2.0  # the release's token_loss_ratio
 ROUTES = ("dispatch", "complete", "frozen")
 
@@ -140,7 +141,8 @@ class DynamicBlock(BlockWrapper):
         idx = keep.reshape(-1).nonzero().squeeze(1)
         out = torch.zeros_like(flat)
         if idx.numel():
-            out.index_copy_(0, idx, super().mlp_branch(flat.index_select(0, idx)[None])[0])
+            y = super().mlp_branch(flat.index_select(0, idx)[None])[0]
+            out.index_copy_(0, idx, y.to(out.dtype))  # autocast may run the MLP in bf16
         return out.view(b, n, d)
 
 
@@ -290,9 +292,12 @@ def _median_ms(fn: Callable[[], Any], reps: int = 5) -> float:
 def cls_attention(model: nn.Module, images: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """(batch, layers, patch tokens): the CLS token's attention to each patch token, averaged
     over heads, in the *frozen* model (adapters and dispatchers bypassed)."""
+    out = []
     with dyt_paths(model, route="frozen"):
-        maps = attention_maps(model, images)
-    return torch.stack([a[:, :, 0, num_prefix:].mean(1) for a in maps], 1)
+        for chunk in images.split(ATTENTION_CHUNK):  # full maps of every layer: keep it small
+            maps = attention_maps(model, chunk)
+            out.append(torch.stack([a[:, :, 0, num_prefix:].mean(1) for a in maps], 1))
+    return torch.cat(out)
 
 
 def kept_vs_attention(masks: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,11 @@ with tab_rates:
     st.plotly_chart(plots.layer_rate_figure(dyt_view.layer_rates(rec), target=target),
                     key="dyt-layer-rates")
     st.caption("The loss only pulls the whole-model mean towards r: layers are free to "
-               "differ, and so are images.")
+               "differ, and so are images. In training a token is kept with probability "
+               "σ(logit) (Gumbel noise, then the 0.5 threshold); at test time only when "
+               "σ(logit) > 0.5. While the logits stay near 0 the two rates can differ a lot: "
+               "a layer whose tokens all sit at σ ≈ 0.3 keeps 30 % of them in training and "
+               "none at test time.")
     rates, counts = dyt_view.class_rates(rec, len(class_names))
     st.plotly_chart(plots.class_rate_heatmap(rates, counts, class_names), key="dyt-class")
     st.plotly_chart(plots.rate_distribution(rec.rate), key="dyt-rate-dist")

@@ -144,3 +144,10 @@ class PeftMethod:
     def artifacts(self, model: nn.Module) -> dict[str, Any]:
         """What the method computed, for its views: name → numpy array or JSON value."""
         return {}
+
+    def test_artifacts(self, model: nn.Module, loader, *, device: torch.device
+                       ) -> dict[str, Any]:
+        """What the trained model does on the test split, for its views (DyT: which tokens
+        each layer skips); the run engine calls it once, after the test evaluation, and
+        stores the result beside :meth:`artifacts` in ``method.npz``."""
+        return {}

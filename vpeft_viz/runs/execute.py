@@ -283,6 +283,7 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
         "test_confusion": test.confusion, "test_per_class_acc": test.per_class_acc,
     })
     arts = method.artifacts(model)
+    arts.update(method.test_artifacts(model, loaders["test"], device=device))
     if arts:
         run.save_artifact("method.npz", {k: np.asarray(v) for k, v in arts.items()})
     run.write_summary(summary)

@@ -111,3 +111,12 @@ def test_page_shows_pruning_rounds_and_launches_a_reference(with_runs):
     assert len(new) == 1 and new[0].config["method"] == "lora"
     assert new[0].status()["status"] == "queued"
     shutil.rmtree(new[0].path)  # the store is shared by this module's tests
+
+
+def test_live_progress_names_the_round():
+    from vpeft_viz.ui.live import progress_text
+
+    frac, line = progress_text({"phase": "train", "round": 1, "rounds": 3, "step": 5,
+                                "steps": 10, "epochs": 2, "round_label": "rewind 1/2"})
+    assert frac == 0.5 and line.startswith("round 2/3 (rewind 1/2) · epoch 1/2")
+    assert not progress_text({"phase": "train", "step": 5, "steps": 10})[1].startswith("round")

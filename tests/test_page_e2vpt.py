@@ -118,5 +118,5 @@ def test_live_progress_names_the_round():
 
     frac, line = progress_text({"phase": "train", "round": 1, "rounds": 3, "step": 5,
                                 "steps": 10, "epochs": 2, "round_label": "rewind 1/2"})
-    assert frac == 0.5 and line.startswith("round 2/3 (rewind 1/2) · epoch 1/2")
+    assert frac == 0.5 and line.startswith("round 2/3 (rewind 1/2) · epoch 2/2 · step 5/10")
     assert not progress_text({"phase": "train", "step": 5, "steps": 10})[1].startswith("round")

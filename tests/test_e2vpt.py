@@ -127,6 +127,16 @@ def test_kv_prompt_init_bound(make_tiny_vit):
     assert p.abs().max() <= bound and p.abs().max() > 0.8 * bound
 
 
+def test_visual_prompt_bound_is_vpts_and_0_0625_on_vit_b16():
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=32, patch_size=16, embed_dim=768, depth=1, num_heads=12,
+                              num_classes=0)
+    e2vpt(model, kv_tokens=1, num_tokens=64)
+    p = model.blocks[0].prompts
+    assert p.abs().max() <= 0.0625 and p.abs().max() > 0.06  # √(6/(3·16² + 768))
+
+
 def test_attention_maps_show_kv_and_visual_prompts(make_tiny_vit):
     model = make_tiny_vit()
     e2vpt(model, kv_tokens=2, num_tokens=3)

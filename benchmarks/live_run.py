@@ -16,6 +16,7 @@ whole run including data, preparation, training, test and saving) and training t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -80,6 +81,7 @@ def main() -> None:
     ensure_task(task)  # generation is cached; not part of a live run's wait
     methods = args.methods or [m for m in method_names() if m != "full"] + ["full"]
     rows = []
+    load_before = os.getloadavg()  # the machine is shared: say how busy it was
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(tmp)
         for method in methods:
@@ -108,6 +110,8 @@ def main() -> None:
                   flush=True)
     path = write_result(args.out, {"task": task, "epochs": args.epochs,
                                      "repeats": args.repeats, "rows": rows,
+                                     "load_avg_1_5_15": {"before": load_before,
+                                                         "after": os.getloadavg()},
                                      "target": {"wall_s": 60, "first_metric_s": 5}})
     print(f"wrote {path}")
 

@@ -95,12 +95,15 @@ class _ProgressBar:
 
     def __init__(self) -> None:
         self.bar = None
+        self.rounds = 0  # a method may train in several rounds (E²VPT): one bar each
 
     def on_start(self, info: dict) -> None:
         from tqdm import tqdm
 
+        self.close()
+        self.rounds += 1
         self.bar = tqdm(total=info["steps"], unit="step", file=sys.stderr, dynamic_ncols=True,
-                        desc="train")
+                        desc="train" if self.rounds == 1 else f"round {self.rounds}")
 
     def on_step(self, step: int, total: int, loss: float) -> None:
         self.bar.update(1)

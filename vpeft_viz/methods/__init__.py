@@ -14,7 +14,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import adaptformer, baselines, dyt, lora, sct, spt, ssf, vpt  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration: one line per method)
+    adaptformer,
+    baselines,
+    dyt,
+    e2vpt,
+    lora,
+    sct,
+    spt,
+    ssf,
+    vpt,
+)
 from ._base import (
     MethodConfig,
     NotMergeableError,

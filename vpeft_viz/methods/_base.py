@@ -8,7 +8,7 @@ classifier head is always trained and counted separately.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -122,6 +122,17 @@ class PeftMethod:
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the trained method into the backbone; returns a plain timm model."""
         raise NotMergeableError(f"{self.name} cannot be merged into the backbone")
+
+    def train_rounds(self, model: nn.Module, fit_round: Callable[..., Any]) -> Any:
+        """Train the attached model; returns the result of the round whose weights it keeps.
+
+        ``fit_round(*, epochs=None, round_index=0, rounds=1, label="")`` is one call of the
+        training engine on the run's data (its ``FitResult``: history, best validation
+        accuracy, cancelled). Most methods train once; a method that trains in several
+        rounds (E²VPT: mask training, then rewinds) overrides this, calls it once per round
+        and leaves the weights it selected (on validation only) in ``model``.
+        """
+        return fit_round()
 
     def training_loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                       criterion: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

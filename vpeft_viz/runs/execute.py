@@ -91,6 +91,8 @@ class RunRecorder(Callback):
     def __init__(self, run: Run, every_s: float = 0.5):
         self.run, self.every_s, self._last = run, every_s, 0.0
         self._start = time.perf_counter()
+        self.round: dict[str, Any] | None = None  # set by start_round (multi-round methods)
+        self.epochs_before = 0
 
     def on_start(self, info: dict) -> None:
         self._start = time.perf_counter()
@@ -105,7 +107,16 @@ class RunRecorder(Callback):
             self.run.update_progress(step=step, steps=total_steps, loss=loss,
                                      elapsed_s=elapsed, eta_s=eta)
 
+    def start_round(self, index: int, rounds: int, label: str, epochs_before: int) -> None:
+        """A method training in several rounds: rows get the round and a run-wide epoch."""
+        self.round = {"round": index, "rounds": rounds, "round_label": label}
+        self.epochs_before = epochs_before
+        self.run.update_progress(**self.round)
+
     def on_epoch(self, row: dict) -> None:
+        if self.round is not None:
+            row = {**row, "epoch": self.epochs_before + row["epoch"],
+                   "round": self.round["round"], "round_epoch": row["epoch"]}
         self.run.append_metrics(row)
 
     def should_stop(self) -> bool:
@@ -241,11 +252,29 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
         stop_if_cancelled(run)
         run.write_method_state(method.state())
     attach_method(model, method)
-    counts = count_parameters(model, method)
 
     recorder = RunRecorder(run)
-    result = fit(model, method, loaders["train"], loaders["val"], task.num_classes, train_cfg,
-                 callbacks=[recorder, *callbacks], device=device)
+    finished: list[Any] = []  # FitResult of every round so far
+
+    def fit_round(*, epochs: int | None = None, round_index: int = 0, rounds: int = 1,
+                  label: str = ""):
+        """One call of the engine; a method may train in several rounds (see
+        ``PeftMethod.train_rounds``), each recorded with its index in the metrics."""
+        cfg_round = train_cfg if epochs is None else TrainConfig.from_dict(
+            {**train_cfg.to_dict(), "epochs": epochs,
+             "warmup_epochs": min(train_cfg.warmup_epochs, epochs)})
+        if rounds > 1:
+            recorder.start_round(round_index, rounds, label,
+                                 sum(len(r.history) for r in finished))
+        res = fit(model, method, loaders["train"], loaders["val"], task.num_classes,
+                  cfg_round, callbacks=[recorder, *callbacks], device=device)
+        finished.append(res)
+        return res
+
+    result = method.train_rounds(model, fit_round)
+    counts = count_parameters(model, method)  # after training: a pruning method kept fewer
+    train_time = sum(r.train_time_s for r in finished)
+    images = sum(r.images_seen for r in finished)
     summary: dict[str, Any] = {
         "run_id": run.id, "method": cfg["method"], "backbone": bb["name"],
         "task": task.name, "num_classes": task.num_classes, "seed": train_cfg.seed,
@@ -254,10 +283,12 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
         "trainable_params": counts["trainable"],
         "trainable_params_excl_head": counts["trainable_excl_head"],
         "total_params": counts["total"], "backbone_params": backbone_params,
-        "train_time_s": result.train_time_s, "images_per_s": result.images_per_s,
+        "train_time_s": train_time, "images_per_s": images / train_time if train_time else 0.0,
         "device": str(device), "cancelled": result.cancelled,
         "warnings": list(cfg["data"].get("warnings") or []),
     }
+    if len(finished) > 1:
+        summary["rounds"] = len(finished)
     if result.cancelled:
         run.write_summary(summary)
         return summary

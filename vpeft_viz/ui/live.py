@@ -129,6 +129,9 @@ def progress_text(progress: dict[str, Any], cancelling: bool = False) -> tuple[f
             text += f" · loss {progress['loss']:.3f}"
         if progress.get("eta_s") is not None:
             text += f" · ETA {format_seconds(progress['eta_s'])}"
+        if int(progress.get("rounds") or 1) > 1:  # a method training in rounds (E²VPT)
+            text = (f"round {int(progress.get('round') or 0) + 1}/{int(progress['rounds'])} "
+                    f"({progress.get('round_label', '')}) · {text}")
     return frac, text
 
 

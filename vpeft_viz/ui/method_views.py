@@ -100,6 +100,14 @@ def method_state(run: MethodRun) -> dict[str, Any]:
     return Run(Path(run.path), read_only=True).method_state()
 
 
+def run_summary(run: MethodRun) -> dict[str, Any]:
+    """The run's ``summary.json`` (empty when unreadable: views show what they can)."""
+    try:
+        return Run(Path(run.path), read_only=True).summary() or {}
+    except RunStoreError:
+        return {}
+
+
 def run_picker(runs: list[MethodRun], *, label: str, key: str, index: int = 0) -> MethodRun:
     i = st.selectbox(label, range(len(runs)), index=min(index, len(runs) - 1),
                      format_func=lambda j: runs[j].label, key=key)

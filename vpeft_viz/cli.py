@@ -71,6 +71,9 @@ def cmd_params(args: argparse.Namespace) -> int:
         method.load_state(state)
     attach_method(model, method)
     counts = count_parameters(model, method)
+    stored = method.stored_bytes(model)
+    if stored is not None:  # packed weights (low-bit adapters): bytes as stored, head excluded
+        counts["stored_bytes"] = stored
     if args.json:
         _print_json(counts)
     else:

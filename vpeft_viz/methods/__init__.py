@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import adaptformer, baselines, lora, sct, spt, ssf, vpt  # noqa: F401  (registration)
+from . import adaptformer, baselines, lora, lowbit, sct, spt, ssf, vpt  # noqa: F401  (registration)
 from ._base import (
     MethodConfig,
     NotMergeableError,

@@ -23,7 +23,7 @@ from ..backbones import EMBEDDED_BACKBONE, create_backbone, image_size, input_st
 from ..config import ConfigError
 from ..data import check_data_spec, resolve_data
 from ..data.dataset import NORMALIZATIONS, ImageDataset, make_loader, resolve_normalization
-from ..methods import attach_method, count_parameters, create_method, trainable_state
+from ..methods import attach_method, count_parameters, create_method
 from ..train import (
     Callback,
     TrainConfig,
@@ -36,6 +36,7 @@ from ..train import (
     seed_everything,
 )
 from .store import Run
+from .weights import save_run_weights
 
 
 def versions() -> dict[str, str]:
@@ -187,7 +188,7 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
     sample = next(iter(loaders["test"]))[0][:1].to(device)
     summary.update({
         "test_acc": test.acc, "test_loss": test.loss,
-        "weight_bytes": run.save_weights(trainable_state(model)),
+        **save_run_weights(run, method, model),  # weight_bytes (+ adapter/head bytes)
         "peak_memory_bytes": peak_memory_bytes(device),
         "flops_per_image": flops_per_image(model, sample),
     })

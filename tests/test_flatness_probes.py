@@ -120,9 +120,9 @@ def test_top_eigenvalue_and_trace_against_dense(curvature_case):
     assert ext.bottom >= float(eig[0]) - 1e-9  # a Ritz value: never below the spectrum
     assert ext.steps < op.dim, "Lanczos should not need the whole space"
     top_mag = float(eig.abs().max())
-    assert abs(hs.power_iteration(op, iters=500, tol=1e-12)) == pytest.approx(top_mag, rel=1e-3)
+    assert abs(hs.power_iteration(op, iters=300, tol=1e-8)) == pytest.approx(top_mag, rel=1e-3)
 
-    est = hs.hutchinson_trace(op, samples=200, seed=0)
+    est = hs.hutchinson_trace(op, samples=100, seed=0)
     exact = float(dense.trace())
     assert abs(est.trace - exact) < 4 * est.stderr + 1e-9
     # each sample is exactly vᵀHv of the dense Hessian for the same Rademacher vector

@@ -22,7 +22,9 @@ matrix; :meth:`LowBitMethod.stored_bytes`). A run writes them in that packed for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,6 +37,7 @@ from .quant import BITS, QLinear
 
 SCALES = (0.01, 0.1, 1.0, 10.0)
 VIEW_PAGE = "7_Flatness.py"
+HIST_BINS = 80
 
 
 def _bits_help() -> str:
@@ -147,9 +150,23 @@ class LowBitMethod(PeftMethod):
             else:
                 layer.load_codes(torch.from_numpy(m.data), m.mu, m.sigma)
 
-    def codebook(self) -> list[float]:
+    def artifacts(self, model: nn.Module) -> dict[str, Any]:
+        """For the weight-histogram view: each matrix's standardised latent weights
+        ``(w − μ)/(σ + 1e-5)`` as a histogram on [−4, 4], and the codebook they snap to."""
+        layers = [(n, m) for n, m in self.quantised_layers(model) if not m.frozen]
+        if not layers:
+            return {}
+        edges = np.linspace(-4.0, 4.0, HIST_BINS + 1)
+        counts = []
+        for _, m in layers:
+            w = m.weight.detach().float().cpu()
+            z = ((w - w.mean()) / (w.std() + quant.EPS)).numpy().ravel()
+            counts.append(np.histogram(np.clip(z, -4.0, 4.0), bins=edges)[0])
         bits = self.config.bits
-        return [] if bits == 32 else quant.codebook(bits).tolist()
+        return {"bits": np.asarray(bits), "hist_edges": edges,
+                "hist_counts": np.stack(counts).astype(np.int64),
+                "matrix_names": np.asarray([n for n, _ in layers]),
+                "codebook": (np.zeros(0) if bits == 32 else quant.codebook(bits).numpy())}
 
 
 @register_method("bi-adaptformer")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ EPS = 1e-5
 ITERATIONS = 500
 
 
-@lru_cache(maxsize=None)
+@cache
 def _codebook64(bits: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if bits not in BITS or bits == 32:
         raise ValueError(f"a codebook exists for 1, 2, 4 or 8 bits, not {bits}")

@@ -82,6 +82,9 @@ def cmd_params(args: argparse.Namespace) -> int:
         method.load_state(state)
     attach_method(model, method)
     counts = count_parameters(model, method)
+    stored = method.stored_bytes(model)
+    if stored is not None:  # packed weights (low-bit adapters): bytes as stored, head excluded
+        counts["stored_bytes"] = stored
     if args.json:
         _print_json(counts)
     else:
@@ -147,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runs.queue import try_claim
 
     store = RunStore(args.store)
-    run = store.create(config)
+    run = store.create(config, run_id=args.run_id)
     try_claim(run, "cli")  # records this process as the owner until the run starts
     print(f"run {run.id} in {store.root}", file=sys.stderr)
     bar = _ProgressBar()
@@ -228,6 +231,43 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flatness(args: argparse.Namespace) -> int:
+    from .analysis.flatness import FlatnessSettings, compute_flatness, load_record
+    from .runs.store import RunStore
+
+    store = RunStore(args.store)
+    if args.all:
+        ids = [r.id for r in store.list() if r.status().get("status") == "done"
+               and r.weights_path.is_file()]
+    else:
+        ids = list(args.run_ids)
+    if not ids:
+        raise ValueError("name runs to measure, or pass --all")
+    settings = FlatnessSettings(images=args.images, grid_2d=args.grid)
+    out = []
+    for run_id in ids:
+        run = store.get(run_id)
+        rec = None if args.force else load_record(run.path, settings)
+        if rec is None:
+            def progress(stage: str, done: int, total: int, run_id: str = run_id) -> None:
+                if done in (0, total):
+                    print(f"{run_id}: {stage} {done}/{total}", file=sys.stderr)
+
+            rec = compute_flatness(run.path, settings, device=args.device, progress=progress)
+        sh = rec["sharpness"]
+        out.append({"run_id": run_id, "val_loss": rec["trained"]["loss"],
+                    "top_eigenvalue": sh["top_eigenvalue"], "trace": sh["trace"],
+                    "params": rec["space"]["params"],
+                    "time_s": round(sum(rec["timing_s"].values()), 1)})
+    if args.json:
+        _print_json(out)
+    else:
+        for r in out:
+            print(f"{r['run_id']:<40} loss {r['val_loss']:.4f}  λmax {r['top_eigenvalue']:.4g}"
+                  f"  trace {r['trace']:.4g}  ({r['params']:,} weights, {r['time_s']} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vpeft_viz",
                                 description="vpeft-viz: visual PEFT lab (command line)")
@@ -264,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=None)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    s.add_argument("--run-id", default=None,
+                   help="the run's directory name (default: generated); must be new")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_train)
 
@@ -271,6 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", type=Path, default=DEFAULT_STORE)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_runs)
+
+    s = sub.add_parser("flatness", help="loss landscapes, Hessian sharpness and weight-noise "
+                       "robustness of finished runs (stored with each run)")
+    s.add_argument("run_ids", nargs="*", help="runs to measure")
+    s.add_argument("--all", action="store_true", help="every finished run with weights")
+    s.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    s.add_argument("--images", type=int, default=256, help="validation images (first ones)")
+    s.add_argument("--grid", type=int, default=21, help="points per side of the 2-D landscape")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--force", action="store_true", help="recompute a stored record")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_flatness)
 
     s = sub.add_parser("cache-runs", help="regenerate the shipped cached_runs/ store",
                        add_help=False)

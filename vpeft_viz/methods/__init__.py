@@ -20,6 +20,7 @@ from . import (  # noqa: F401  (registration: one line per method)
     dyt,
     e2vpt,
     lora,
+    lowbit,
     sct,
     spt,
     ssf,

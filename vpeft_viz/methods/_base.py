@@ -162,3 +162,21 @@ class PeftMethod:
         each layer skips); the run engine calls it once, after the test evaluation, and
         stores the result beside :meth:`artifacts` in ``method.npz``."""
         return {}
+
+    # -- compact storage (optional; low-bit adapters) -------------------------------------
+    # A method that stores its weights in its own packed form overrides all three; a run
+    # then writes ``pack_weights``'s bytes beside the safetensors file, which keeps only
+    # the tensors not packed (the head), and reads them back with ``load_packed_weights``.
+    def stored_bytes(self, model: nn.Module) -> int | None:
+        """Bytes the method's weights take in their packed form (headers excluded); None:
+        stored as float32 tensors (4 bytes per weight)."""
+        return None
+
+    def pack_weights(self, model: nn.Module) -> tuple[bytes, set[str]] | None:
+        """The packed file's content and the parameter names it replaces; None: the
+        method's weights go into the safetensors file like any tensor."""
+        return None
+
+    def load_packed_weights(self, model: nn.Module, data: bytes) -> None:
+        """Load what ``pack_weights`` wrote into the attached ``model``."""
+        raise NotImplementedError(f"{self.name} has no packed weight format")

@@ -32,7 +32,7 @@ from ..backbones import EMBEDDED_BACKBONE, create_backbone, image_size, input_st
 from ..config import ConfigError
 from ..data import check_data_spec, check_task_files, resolve_data
 from ..data.dataset import NORMALIZATIONS, ImageDataset, make_loader, resolve_normalization
-from ..methods import attach_method, count_parameters, create_method, trainable_state
+from ..methods import attach_method, count_parameters, create_method
 from ..train import (
     Callback,
     Cancelled,
@@ -46,6 +46,7 @@ from ..train import (
     seed_everything,
 )
 from .store import Run, atomic_write_bytes, owner_fields
+from .weights import save_run_weights
 
 
 def versions() -> dict[str, str]:
@@ -294,7 +295,7 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
         return summary
 
     # Weights and validation results first: a test phase that fails keeps the training.
-    summary["weight_bytes"] = run.save_weights(trainable_state(model))
+    summary.update(save_run_weights(run, method, model))  # weight_bytes (+ packed sizes)
     run.write_summary(summary)
     run.update_progress(phase="test")
     amp = autocast_dtype(train_cfg.precision, device)

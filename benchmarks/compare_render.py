@@ -1,4 +1,4 @@
-"""Compare page render time from the shipped cached_runs/ (target: ≤ 2 s, docs/architecture.md).
+"""Compare page render time from the shipped cached_runs/ (target ≤ 2 s: docs/benchmarks.md).
 
 Measured with Streamlit's AppTest (the page script run headless, as the server runs it):
 

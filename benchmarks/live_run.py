@@ -1,6 +1,6 @@
 """Default live run: embedded backbone, one embedded task, 10 epochs, per method.
 
-Target (docs/architecture.md): the run finishes in ≤ 60 s on 2 CPU cores, first metric in ≤ 5 s.
+Target (docs/benchmarks.md): the run finishes in ≤ 60 s on 2 CPU cores, first metric in ≤ 5 s.
 "First metric" is reported two ways: the first training-loss update (what the dashboard's
 progress bar shows first) and the first per-epoch validation accuracy. Times include data
 loading, backbone creation and the method's preparation, as a dashboard user waits for them.

@@ -4,7 +4,7 @@ A method registered later is tested here with no new test code: shapes, exactly 
 parameters train, identity at init, merge equivalence, save/load round trip and config
 validation run for every name in ``method_names()``. The few method-specific facts (LoRA's
 q/v slices, SSF's init, AdaptFormer's input, VPT's sequence lengths) follow, and the exact
-ViT-B/16 parameter counts of METHODS.md close the file.
+ViT-B/16 parameter counts each method declares (docs/methods.md) close the file.
 
 Everything runs on random-init timm ViTs on the CPU; nothing is downloaded.
 """

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
 
 _METHODS: dict[str, type[PeftMethod]] = {}
 
-# Listing order (DESIGN.md's command-line names); methods not named here follow, by name.
+# Listing order (the command-line names of docs/cli.md); methods not named here follow, by name.
 CANONICAL_ORDER = ("linear", "full", "bitfit", "vpt-shallow", "vpt-deep", "lora", "adaptformer",
                    "ssf", "spt-lora", "spt-adapter", "sct", "dyt", "e2vpt", "bi-adaptformer",
                    "bi-lora", "velora", "hst", "pvp")

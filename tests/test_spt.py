@@ -465,6 +465,7 @@ def test_adapter_on_proj_is_parallel_on_its_input_by_default():
     other = tiny()
     attach_method(other, seq)
     proj2 = vit_blocks(other)[0].attn.proj
+    assert proj2.dropout.p == 0.1  # the earlier placement kept its input dropout
     _perturb(proj2)
     with torch.no_grad():
         y = proj2.base_layer(x)

@@ -155,10 +155,14 @@ class _SPT(PeftMethod):
             b = torch.from_numpy(np.sort(np.concatenate(b_idx))) if b_idx else torch.zeros(0)
             device = base.weight.device
             if linear:
+                # The release feeds proj's module (LoRA, or an adapter on proj's input) the
+                # un-dropped input; sequential-output keeps the earlier placement, dropout too.
                 is_proj = members[0].op == "proj"
+                on_input = is_proj and self.adapter_on_proj_input()
+                undropped = is_proj and (self.kind == "lora" or on_input)
                 new = SPTLinear(base, kind=self.kind, rank=c.rank,
-                                dropout=0.0 if is_proj else c.dropout, drop_path=c.drop_path,
-                                adapter_on_input=is_proj and self.adapter_on_proj_input(),
+                                dropout=0.0 if undropped else c.dropout, drop_path=c.drop_path,
+                                adapter_on_input=on_input,
                                 slices=sorted(slices, key=lambda s: s[1]),
                                 weight_idx=w.long(), bias_idx=b.long())
             else:
@@ -185,12 +189,13 @@ class SPTLoRAConfig(SPTConfig):
 
 @dataclass
 class SPTAdapterConfig(SPTConfig):
-    """SPT with a bottleneck adapter (width ``rank``, after the matrix) as structured module."""
+    """SPT with a bottleneck adapter (width ``rank``) as structured module: after the matrix,
+    except proj's, which by default runs in parallel on proj's input (the release)."""
 
     proj_adapter: str = param(
         "parallel-input", "Where proj's adapter sits: parallel-input (the release: "
-        "proj(x) + adapter(x), fed proj's un-dropped input) or sequential-output (after "
-        "proj, like every other matrix's adapter).",
+        "proj(x) + adapter(x), fed proj's un-dropped input) or sequential-output (the "
+        "earlier placement: after proj, with input dropout, like every other matrix's).",
         choices=("parallel-input", "sequential-output"))
 
 

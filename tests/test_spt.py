@@ -273,7 +273,7 @@ def manual_state(model: nn.Module, structured: list[str], sparse: dict[str, list
     for name, idx in sparse.items():
         units[name] = {"structured": False, "count": len(idx),
                        "indices": spt.encode_indices(np.array(idx))}
-    return {"version": 1, "units": units}
+    return {"version": spt.STATE_VERSION, "units": units}
 
 
 def test_vit_b_structured_costs_and_count():
@@ -400,6 +400,21 @@ def _perturb(module: nn.Module) -> None:
         for p in module.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_version_1_state_rebuilds_the_modules_it_was_trained_with():
+    """Runs stored before the modules followed the release trained sparse LayerNorm deltas
+    and proj's adapter after proj: their state rebuilds exactly that, so weights load."""
+    model = tiny()
+    old = manual_state(model, ["blocks.0.attn.proj.weight"], {"blocks.0.norm1.weight": [1, 4]},
+                       [])
+    old["version"] = 1
+    method = create_method("spt-adapter")
+    method.load_state(old)
+    attach_method(model, method)
+    blk = vit_blocks(model)[0]
+    assert isinstance(blk.norm1, spt.SPTLayerNorm) and blk.norm1.weight_delta.numel() == 2
+    assert not blk.attn.proj.adapter_on_input
 
 
 def test_structured_modules_have_drop_path_active_only_in_training():

@@ -273,7 +273,7 @@ def manual_state(model: nn.Module, structured: list[str], sparse: dict[str, list
     for name, idx in sparse.items():
         units[name] = {"structured": False, "count": len(idx),
                        "indices": spt.encode_indices(np.array(idx))}
-    return {"version": 1, "units": units}
+    return {"version": spt.STATE_VERSION, "units": units}
 
 
 def test_vit_b_structured_costs_and_count():
@@ -402,6 +402,21 @@ def _perturb(module: nn.Module) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+def test_version_1_state_rebuilds_the_modules_it_was_trained_with():
+    """Runs stored before the modules followed the release trained sparse LayerNorm deltas
+    and proj's adapter after proj: their state rebuilds exactly that, so weights load."""
+    model = tiny()
+    old = manual_state(model, ["blocks.0.attn.proj.weight"], {"blocks.0.norm1.weight": [1, 4]},
+                       [])
+    old["version"] = 1
+    method = create_method("spt-adapter")
+    method.load_state(old)
+    attach_method(model, method)
+    blk = vit_blocks(model)[0]
+    assert isinstance(blk.norm1, spt.SPTLayerNorm) and blk.norm1.weight_delta.numel() == 2
+    assert not blk.attn.proj.adapter_on_input
+
+
 def test_structured_modules_have_drop_path_active_only_in_training():
     model = tiny()
     method = create_method("spt-lora", {"dropout": 0.0})
@@ -465,6 +480,7 @@ def test_adapter_on_proj_is_parallel_on_its_input_by_default():
     other = tiny()
     attach_method(other, seq)
     proj2 = vit_blocks(other)[0].attn.proj
+    assert proj2.dropout.p == 0.1  # the earlier placement kept its input dropout
     _perturb(proj2)
     with torch.no_grad():
         y = proj2.base_layer(x)

@@ -64,6 +64,7 @@ from .modules import ClsTokenDelta, SPTLayerNorm, SPTLinear
 from .records import (
     GRID_POINTS,
     IMAGE_MAX_SIDE,
+    STATE_VERSION,
     allocation_arrays,
     allocation_state,
     sensitivity_summary,
@@ -83,8 +84,8 @@ from .scoring import (
 __all__ = [
     "BUDGET_TOLERANCE", "GRID_POINTS", "IMAGE_MAX_SIDE", "MATRIX_OPS", "NORM_OPS", "Allocation",
     "BudgetError", "ClsTokenDelta", "SPTAdapter", "SPTAdapterConfig", "SPTConfig", "SPTLayerNorm",
-    "SPTLinear", "SPTLoRA", "SPTLoRAConfig", "SensitivityInfo", "SortedScores", "Unit",
-    "allocate", "allocation_arrays", "allocation_costs", "allocation_state", "cls_token_cost",
-    "compute_sensitivity", "decode_indices", "encode_indices", "scored_units",
+    "SPTLinear", "SPTLoRA", "SPTLoRAConfig", "STATE_VERSION", "SensitivityInfo", "SortedScores",
+    "Unit", "allocate", "allocation_arrays", "allocation_costs", "allocation_state",
+    "cls_token_cost", "compute_sensitivity", "decode_indices", "encode_indices", "scored_units",
     "sensitivity_summary", "set_stochastic_depth", "structured_cost",
 ]

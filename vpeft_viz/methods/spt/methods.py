@@ -18,7 +18,12 @@ from .._base import MethodConfig, PeftMethod, PeftModule, replace_module
 from .._registry import register_method
 from .allocation import SortedScores, allocate, decode_indices
 from .modules import ClsTokenDelta, SPTLayerNorm, SPTLinear
-from .records import allocation_arrays, allocation_state, sensitivity_summary
+from .records import (
+    STATE_VERSION,
+    allocation_arrays,
+    allocation_state,
+    sensitivity_summary,
+)
 from .scoring import Unit, cls_token_cost, compute_sensitivity, scored_units
 
 
@@ -77,6 +82,7 @@ class _SPT(PeftMethod):
     def __init__(self, config: SPTConfig | None = None):
         super().__init__(config)
         self._state: dict[str, Any] | None = None
+        self._legacy = False  # a version-1 state: see load_state
         self._summary: dict[str, np.ndarray] = {}
 
     # -- data-dependent selection ------------------------------------------------------
@@ -101,6 +107,7 @@ class _SPT(PeftMethod):
                          strict=strict, table=table)
         self._state = allocation_state(alloc, units, info, auto=not strict,
                                        train_sparse_layernorm=c.sparse_layernorm)
+        self._legacy = False
         self._summary = sensitivity_summary(table, self.kind, c.rank)
         self._summary.update(allocation_arrays(alloc, units, c.alpha, c.beta))
 
@@ -108,9 +115,13 @@ class _SPT(PeftMethod):
         return dict(self._state or {})
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Adopt a stored selection. A version-1 state (written before the modules followed
+        the released code) rebuilds the modules it was trained with: sparse LayerNorm deltas,
+        and proj's adapter after proj, so its saved weights load and run as trained."""
         if state.get("structured_type", self.kind) != self.kind:
             raise ValueError(f"state is for spt-{state['structured_type']}, not {self.name}")
         self._state = dict(state)
+        self._legacy = int(state.get("version", STATE_VERSION)) < STATE_VERSION
 
     def artifacts(self, model: nn.Module) -> dict[str, Any]:
         return dict(self._summary)
@@ -144,7 +155,7 @@ class _SPT(PeftMethod):
                 if entry["structured"] and u.is_matrix:
                     slices.append((u.op, u.start, u.start + u.shape[0]))
                     continue
-                if not (linear or entry["structured"] or c.sparse_layernorm):
+                if not (linear or entry["structured"] or c.sparse_layernorm or self._legacy):
                     continue  # counted in the budget, frozen (the release's behaviour)
                 idx = (np.arange(u.numel) if entry["structured"]
                        else decode_indices(entry["indices"]))
@@ -155,10 +166,14 @@ class _SPT(PeftMethod):
             b = torch.from_numpy(np.sort(np.concatenate(b_idx))) if b_idx else torch.zeros(0)
             device = base.weight.device
             if linear:
+                # The release feeds proj's module (LoRA, or an adapter on proj's input) the
+                # un-dropped input; sequential-output keeps the earlier placement, dropout too.
                 is_proj = members[0].op == "proj"
+                on_input = is_proj and self.adapter_on_proj_input() and not self._legacy
+                undropped = is_proj and (self.kind == "lora" or on_input)
                 new = SPTLinear(base, kind=self.kind, rank=c.rank,
-                                dropout=0.0 if is_proj else c.dropout, drop_path=c.drop_path,
-                                adapter_on_input=is_proj and self.adapter_on_proj_input(),
+                                dropout=0.0 if undropped else c.dropout, drop_path=c.drop_path,
+                                adapter_on_input=on_input,
                                 slices=sorted(slices, key=lambda s: s[1]),
                                 weight_idx=w.long(), bias_idx=b.long())
             else:
@@ -185,12 +200,13 @@ class SPTLoRAConfig(SPTConfig):
 
 @dataclass
 class SPTAdapterConfig(SPTConfig):
-    """SPT with a bottleneck adapter (width ``rank``, after the matrix) as structured module."""
+    """SPT with a bottleneck adapter (width ``rank``) as structured module: after the matrix,
+    except proj's, which by default runs in parallel on proj's input (the release)."""
 
     proj_adapter: str = param(
         "parallel-input", "Where proj's adapter sits: parallel-input (the release: "
-        "proj(x) + adapter(x), fed proj's un-dropped input) or sequential-output (after "
-        "proj, like every other matrix's adapter).",
+        "proj(x) + adapter(x), fed proj's un-dropped input) or sequential-output (the "
+        "earlier placement: after proj, with input dropout, like every other matrix's).",
         choices=("parallel-input", "sequential-output"))
 
 

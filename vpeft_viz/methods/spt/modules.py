@@ -61,8 +61,8 @@ class SPTLinear(_SparseDeltas):
     * every module's output passes through ``DropPath(drop_path)`` (per sample, training
       only), one independent draw per slice.
 
-    ``dropout`` is the rate on the modules' input; the caller passes 0 for ``proj``, whose
-    module gets the un-dropped input in the release.
+    ``dropout`` is the rate on the modules' input; the caller passes 0 for ``proj``'s LoRA
+    or on-input adapter, which get the un-dropped input in the release.
     """
 
     def __init__(self, base: nn.Linear, *, kind: str, rank: int, dropout: float,

@@ -14,6 +14,10 @@ import numpy as np
 from .allocation import Allocation, SortedScores, encode_indices
 from .scoring import NORM_OPS, SensitivityInfo, Unit, structured_cost
 
+# 2: the modules follow the released code (sparse deltas only in linear layers, proj's adapter
+# on its input). A version-1 state was trained with sparse LayerNorm deltas and every adapter
+# after its matrix; loading one rebuilds those modules (see ``_SPT.load_state``).
+STATE_VERSION = 2
 GRID_POINTS = 1500  # thresholds in the stored count table
 IMAGE_MAX_SIDE = 192  # matrix images are mean-pooled down to at most this many cells a side
 
@@ -37,7 +41,7 @@ def allocation_state(alloc: Allocation, units: list[Unit], info: SensitivityInfo
             state_units[u.name] = {"structured": False, "count": alloc.counts[u.name],
                                    "indices": encode_indices(alloc.indices[u.name])}
     return {
-        "version": 1,
+        "version": STATE_VERSION,
         "units": state_units,
         "threshold": alloc.threshold,
         "budget": {"target": alloc.target, "used": alloc.used, "reachable": alloc.reachable,

@@ -338,3 +338,19 @@ def test_cancel_during_the_data_phase(task, tmp_path, monkeypatch):
     st = run.status()
     assert summary["cancelled"] and st["status"] == "cancelled"
     assert "data phase" in st["error"]
+
+
+def test_overlap_warning_shown_on_the_train_page(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    from test_compare import write_run
+
+    monkeypatch.setenv("VPEFT_VIZ_RUNS", str(tmp_path / "user"))
+    monkeypatch.setenv("VPEFT_VIZ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(queue, "ensure_worker", lambda store: [])
+    run = write_run(RunStore(tmp_path / "user"), method="ssf", task="t", seed=0, test_acc=0.5)
+    warning = "2 image(s) of the test split also occur in the train split, e.g. a.png"
+    run.set_status("done", warnings=[warning])
+    at = AppTest.from_file(str(run_stores.REPO_ROOT / "pages" / "1_Train.py"),
+                           default_timeout=120).run()
+    assert not at.exception
+    assert warning in [w.value for w in at.warning]

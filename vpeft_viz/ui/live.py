@@ -74,9 +74,16 @@ def running_card(job: queue.Job) -> None:
                      help="Stop after the current step; finished epochs are kept")
         frac, text = progress_text(job.progress, cancelling)
         st.progress(frac, text=text)
+        show_warnings(job)
         metrics = _read(job.run.metrics, [])
         if metrics:
             st.plotly_chart(curves_figure(metrics), key=f"curves-{job.id}", width="stretch")
+
+
+def show_warnings(job: queue.Job) -> None:
+    """What the data check found suspicious (e.g. images shared by train and test)."""
+    for warning in job.status.get("warnings") or []:
+        st.warning(warning, icon=":material/warning:")
 
 
 def finished_row(job: queue.Job) -> None:
@@ -97,6 +104,7 @@ def finished_row(job: queue.Job) -> None:
         if trace.is_file():
             with st.expander("Traceback"):
                 st.code(trace.read_text(errors="replace")[-8000:], language="text")
+    show_warnings(job)
 
 
 def _read(reader, default):

@@ -48,14 +48,14 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def read_recipe(path: Path) -> dict[str, Any]:
     """The recipe a checkpoint was made with (to resume it without repeating every flag)."""
-    return _read(Path(path), "cpu")["recipe"]
+    return _read(Path(path))["recipe"]
 
 
-def _read(path: Path, device: str) -> dict[str, Any]:
+def _read(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same clear error
         raise CheckpointError(f"{path} is not a readable pretraining checkpoint: {e}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -63,15 +63,17 @@ def _read(path: Path, device: str) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(path: Path, recipe: dict[str, Any], photos: str | None,
-                    device: str = "cpu") -> dict[str, Any]:
-    """The checkpoint at ``path``, after checking it continues this exact recipe.
+def load_checkpoint(path: Path, recipe: dict[str, Any], photos: str | None) -> dict[str, Any]:
+    """The checkpoint at ``path`` (tensors on the CPU), after checking it continues this recipe.
+
+    Loading always maps to the CPU: random-generator states must stay CPU tensors, and
+    ``load_state_dict`` moves weights and optimiser moments to the model's device.
 
     ``photos`` is the fingerprint of the photo set the recipe reads now (None: no photos);
     a checkpoint made on another photo set is refused too, as its batches would differ.
     """
     path = Path(path)
-    state = _read(path, device)
+    state = _read(path)
     diffs = recipe_differences(state["recipe"], recipe)
     if state.get("photos") != photos:
         diffs.append(f"photo set: checkpoint {state.get('photos')!r}, now {photos!r}")

@@ -355,7 +355,7 @@ def run_pretraining(cfg: PretrainConfig, out: Path, progress: Progress | None = 
     g = torch.Generator().manual_seed(cfg.seed)
     start, losses, train_before = 0, [], 0.0
     if resume is not None:
-        state = load_checkpoint(resume, cfg.to_dict(), data.photo_set, cfg.device)
+        state = load_checkpoint(resume, cfg.to_dict(), data.photo_set)
         trainable.load_state_dict(state["trainable"])
         opt.load_state_dict(state["optimizer"])
         g.set_state(state["shift_rng"])

@@ -207,6 +207,9 @@ def test_command_line_resume_takes_the_checkpoint_recipe(tmp_path):
                               "--steps", "9", "--log-every", "1"])
     with pytest.raises(P.CheckpointError, match="steps: checkpoint 4, now 9"):
         P.run_from_args(args)
+    # without --out, the weights go beside the checkpoint, never over the shipped file
+    record = P.run_from_args(parser.parse_args(["--resume", str(ckpt), "--log-every", "1"]))
+    assert record["resumed_from_step"] == 2 and (tmp_path / "run.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------------------

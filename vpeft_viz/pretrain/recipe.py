@@ -484,8 +484,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="any other recipe setting (batch_size, lr, threads, ...)")
-    parser.add_argument("--out", type=Path, default=EMBEDDED_WEIGHTS,
-                        help="weights file to write (.safetensors; a .json record beside it)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="weights file to write (.safetensors; a .json record beside it; "
+                             f"default: --resume's path with suffix .safetensors, else the "
+                             f"shipped {EMBEDDED_WEIGHTS.name})")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint file (default: --resume's, else --out with suffix "
                              ".ckpt)")
@@ -534,6 +536,11 @@ def run_from_args(args: argparse.Namespace) -> dict:
                 print(f"{time.strftime('%H:%M:%S')} step {step}/{total} loss {loss:.4f} "
                       f"{rate:.3f} steps/s", file=sys.stderr, flush=True)
 
-    return run_pretraining(cfg, args.out, progress, checkpoint=args.checkpoint,
+    out = args.out
+    if out is None:
+        from ..backbones import EMBEDDED_WEIGHTS
+
+        out = EMBEDDED_WEIGHTS if args.resume is None else args.resume.with_suffix(".safetensors")
+    return run_pretraining(cfg, out, progress, checkpoint=args.checkpoint,
                            checkpoint_every=args.checkpoint_every, resume=args.resume,
                            stop_at=args.stop_at)

@@ -39,9 +39,17 @@ cached-runs: setup
 	$(BIN)/python -m vpeft_viz cache-runs
 
 # Regenerate the embedded backbone's weights (CPU: about 30 minutes on 2 cores).
+# Pretraining inputs: Fashion-MNIST and the photographs of the wallpaper packages (the
+# recipe's photo_share; vpeft_viz/pretrain/images.py).
+PRETRAIN_DEBS = dataset-fashion-mnist plasma-workspace-wallpapers gnome-backgrounds \
+	mate-backgrounds ukui-wallpapers
+
 pretrain: setup
 	$(BIN)/python -m pip install -q -r requirements-pretrain.txt
-	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi
+	@missing=$$(for p in $(PRETRAIN_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $$missing >/dev/null; \
+	elif [ -n "$$missing" ]; then echo "pretrain: install the Debian packages $$missing"; fi
 	$(BIN)/python -m vpeft_viz pretrain --source distill --steps 1000 --seed 0 \
 		--set batch_size=64 --set threads=2

@@ -150,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{name}:", file=sys.stderr, flush=True)
         results[name] = probe_suite(build(path, args.seed), tasks, args.max_train, args.max_test)
-        results[name]["weights"] = None if path is None else str(path.relative_to(ROOT)
-                                                                   if path.is_absolute()
-                                                                   else path)
+        results[name]["weights"] = (None if path is None else
+                                    str(path.relative_to(ROOT)) if path.is_relative_to(ROOT)
+                                    else str(path))
         print(f"  mean {results[name]['mean_acc']:.3f}", file=sys.stderr, flush=True)
     base = results["random_init"]["mean_acc"] if "random_init" in results else float("nan")
     record = {

@@ -218,14 +218,14 @@ def cmd_cache_runs(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     # Parsed here, not in build_parser: importing the recipe (torch, timm, the task suite)
     # would otherwise slow every other command by seconds.
-    from .pretrain import add_arguments, config_from_args, run_pretraining
+    from .pretrain import add_arguments, run_from_args
 
     p = argparse.ArgumentParser(prog="python -m vpeft_viz pretrain",
                                 description="pretrain the embedded backbone (offline recipe)")
     add_arguments(p)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(args.pretrain_args)
-    record = run_pretraining(config_from_args(args), args.out)
+    record = run_from_args(args)
     if args.json:
         _print_json(record)
     return 0

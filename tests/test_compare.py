@@ -328,6 +328,20 @@ def test_regenerate_swaps_in_resumes_and_drops_big_weights(tmp_path, monkeypatch
     cached.regenerate(out, recipe=recipe)
     assert calls == ["digits-linear-s1", "count-full-s0"]
 
+    # --update starts from the shipped store: identical runs are kept, a run made under
+    # other method settings (an older default) is trained again.
+    calls.clear()
+    store = RunStore(out)
+    cfg_path = out / "digits-linear-s1" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["method_config"]["not_a_default_any_more"] = 1
+    cfg_path.write_text(json.dumps(cfg))
+    manifest = cached.regenerate(out, recipe=recipe, update=True)
+    assert calls == ["digits-linear-s1"]
+    assert manifest["trained"] == ["digits-linear-s1"]
+    assert manifest["kept"] == ["digits-linear-s0", "count-full-s0"]
+    assert sorted(r.id for r in store.list()) == sorted(manifest["runs"])
+
 
 def test_regenerate_refuses_random_init_unless_quick(tmp_path, monkeypatch) -> None:
     from vpeft_viz import backbones

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import CACHED_STORE
-from .store import RunStore, atomic_write_bytes, atomic_write_json
+from .store import RunStore, atomic_write_bytes, atomic_write_json, read_json
 
 # The whole shipped set: every registered method, with the seeds its class declares
 # (``cached_seeds``: two for the baselines; one for the slowest ones — whole-backbone
@@ -62,33 +62,44 @@ def planned_runs(recipe: Sequence[tuple[str, str, Sequence[int], int]] | None = 
     return out
 
 
-def _run_config(spec: dict[str, Any], pretrained: bool) -> dict[str, Any]:
+def _run_config(spec: dict[str, Any], pretrained: bool, device: str = "auto") -> dict[str, Any]:
     from .execute import make_run_config
 
     return make_run_config(method=spec["method"], data=f"embedded:{spec['task']}",
                            pretrained=pretrained,
-                           train={"epochs": spec["epochs"], "seed": spec["seed"]})
+                           train={"epochs": spec["epochs"], "seed": spec["seed"],
+                                  "device": device})
 
 
-def _finished(store: RunStore, spec: dict[str, Any], pretrained: bool) -> bool:
-    """A run of an interrupted regeneration that can be kept as it is."""
+# What must match for a stored run to be kept: what the recipe asks for, with today's method
+# and training defaults filled in (so a run made under an older default is redone).
+_KEPT_IF_EQUAL = ("method", "method_config", "backbone", "train")
+
+
+def _finished(store: RunStore, spec: dict[str, Any], pretrained: bool,
+              device: str = "auto") -> bool:
+    """A stored run that is exactly what the recipe would create now, and done."""
     try:
         run = store.get(spec["run_id"])
-        cfg = run.config
+        cfg, want = run.config, _run_config(spec, pretrained, device)
         return (run.status().get("status") == "done" and run.summary() is not None
-                and cfg["method"] == spec["method"] and cfg["train"]["seed"] == spec["seed"]
-                and cfg["train"]["epochs"] == spec["epochs"]
-                and cfg["data"]["spec"] == f"embedded:{spec['task']}"
-                and cfg["backbone"]["pretrained"] == pretrained)
+                and cfg["data"]["spec"] == want["data"]["spec"]
+                and all(cfg.get(k) == want[k] for k in _KEPT_IF_EQUAL))
     except Exception:
         return False
 
 
 def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progress | None = None,
-               recipe: Sequence[tuple[str, str, Sequence[int], int]] | None = None
-               ) -> dict[str, Any]:
+               recipe: Sequence[tuple[str, str, Sequence[int], int]] | None = None,
+               update: bool = False, device: str = "auto") -> dict[str, Any]:
     """Run ``recipe`` into a fresh store at ``out`` (replacing it at the end); returns the
     manifest written to ``out/manifest.json``.
+
+    ``update`` starts from the runs already in ``out``: a run whose recorded method, method
+    settings, backbone and training recipe equal what the recipe would create now (today's
+    defaults filled in) is kept; missing runs and runs made under other settings are
+    trained. ``device`` (``auto``, ``cpu``, ``cuda``) is recorded in every run's training
+    settings.
 
     Needs the embedded backbone's weights, except with ``quick`` (first seed, one epoch),
     which falls back to a random-init backbone when they are missing — a quick store checks
@@ -104,20 +115,24 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
                            "runs need them (use --quick to check the recipe without them)")
     out = Path(out)
     partial = out.parent / f".{out.name}.partial"
+    if update and out.is_dir() and not partial.exists():
+        shutil.copytree(out, partial)
     store = RunStore(partial)
     specs = planned_runs(recipe, quick=quick)
     start = time.time()
+    trained: list[str] = []
     for i, spec in enumerate(specs):
         label = f"{spec['method']} on {spec['task']}, seed {spec['seed']}"
-        if _finished(store, spec, pretrained):
+        if _finished(store, spec, pretrained, device):
             if progress:
-                progress(i + 1, len(specs), f"kept {label} from an earlier attempt")
+                progress(i + 1, len(specs), f"kept {label} (same settings)")
             continue
         shutil.rmtree(partial / spec["run_id"], ignore_errors=True)
         if progress:
             progress(i, len(specs), f"training {label}")
-        run = store.create(_run_config(spec, pretrained), run_id=spec["run_id"])
+        run = store.create(_run_config(spec, pretrained, device), run_id=spec["run_id"])
         summary = execute_run(run)
+        trained.append(spec["run_id"])
         shipped = summary["weight_bytes"] <= WEIGHT_LIMIT_BYTES
         if not shipped:
             run.weights_path.unlink()
@@ -125,13 +140,19 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
         if progress:
             progress(i + 1, len(specs), f"{label}: test {summary['test_acc']:.3f}")
 
-    manifest = {"command": COMMAND + (" --quick" if quick else ""), "quick": quick,
+    previous = read_json(partial / "manifest.json", default=None) if update else None
+    manifest = {"command": COMMAND + (" --quick" if quick else "") + (" --update" if update
+                                                                       else ""), "quick": quick,
                 "pretrained": pretrained, "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "generation_time_s": round(time.time() - start, 1),
                 "weight_limit_bytes": WEIGHT_LIMIT_BYTES,
                 "recipe": [{"method": m, "task": t, "seeds": list(s), "epochs": e}
                            for m, t, s, e in recipe],
-                "runs": [s["run_id"] for s in specs], "versions": versions()}
+                "runs": [s["run_id"] for s in specs], "trained": trained,
+                "kept": [s["run_id"] for s in specs if s["run_id"] not in trained],
+                "versions": versions()}
+    if previous and isinstance(previous, dict) and previous.get("generated"):
+        manifest["previous_generation"] = previous["generated"]
     planned = {s["run_id"] for s in specs}
     for stale in store.list():  # left by an interrupted attempt under an older recipe
         if stale.id not in planned:
@@ -184,7 +205,9 @@ which runs the recipe in `vpeft_viz/runs/cached.py`, derived from each method's
 
 That is {len(planned_runs())} runs, each up to a minute or so on two CPU cores.
 Runs go into `.cached_runs.partial/` first and replace this folder at the end; an
-interrupted regeneration resumes. `--quick` (first seed, one epoch) checks the recipe.
+interrupted regeneration resumes. `--update` keeps the runs whose settings equal today's
+recipe and defaults and trains only the missing and changed ones. `--quick` (first seed, one
+epoch) checks the recipe.
 
 - `manifest.json`: the recipe, when and how it was generated, with the versions used.
 - `<task>-<method>-s<seed>/`: one run each (config, status, metrics, summary, eval).
@@ -208,6 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="first seed, one epoch (a check)")
     p.add_argument("--out", type=Path, default=CACHED_STORE, help="store to (re)generate")
+    p.add_argument("--update", action="store_true",
+                   help="keep the runs already there whose settings equal today's recipe and "
+                        "defaults; train only the missing and changed ones")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the runs train (recorded in each run)")
     args = p.parse_args(argv)
     bar = tqdm(total=len(planned_runs(quick=args.quick)), unit="run", file=sys.stderr)
 
@@ -217,11 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar.refresh()
 
     try:
-        manifest = regenerate(args.out, quick=args.quick, progress=progress)
+        manifest = regenerate(args.out, quick=args.quick, progress=progress,
+                              update=args.update, device=args.device)
     finally:
         bar.close()
-    print(f"{len(manifest['runs'])} runs in {args.out} "
-          f"({manifest['generation_time_s']:.0f} s)")
+    print(f"{len(manifest['runs'])} runs in {args.out} ({len(manifest['trained'])} trained, "
+          f"{len(manifest['kept'])} kept; {manifest['generation_time_s']:.0f} s)")
     return 0
 
 

@@ -353,10 +353,11 @@ def test_regenerate_refuses_random_init_unless_quick(tmp_path, monkeypatch) -> N
     assert [r["run_id"] for r in cached.planned_runs(quick=True)][:2] == [
         "digits-linear-s0", "digits-full-s0"]
     assert all(r["epochs"] == 1 for r in cached.planned_runs(quick=True))
-    # every task × every method's declared seeds (today: 3 × (5 × 2 + 6 × 1) = 48)
+    # every task × every method's declared seeds, plus the declared variants
     from vpeft_viz.methods import get_method_class, method_names
 
     per_task = sum(len(get_method_class(m).cached_seeds) for m in method_names())
-    assert len(cached.planned_runs()) == len(cached.TASKS) * per_task
+    assert len(cached.planned_runs()) == len(cached.TASKS) * per_task + len(
+        cached.variant_specs())
     assert {r["run_id"] for r in cached.planned_runs()} >= {
         "count-lora-s1", "count-full-s0", "digits-sct-s0", "retinopathy-spt-adapter-s0"}

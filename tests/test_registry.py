@@ -81,3 +81,14 @@ def test_learning_rate_help_is_derived_from_the_methods():
     (lr,) = [f for f in fields(TrainConfig) if f.name == "lr"]
     for name in method_names():
         assert f"{get_method_class(name).default_lr:g}" in lr.metadata["help"]
+
+
+def test_cached_variants_are_valid_settings_with_their_own_run_ids():
+    from vpeft_viz.methods import create_method
+
+    specs = cached.planned_runs()
+    ids = [s["run_id"] for s in specs]
+    assert len(ids) == len(set(ids))
+    for spec in cached.variant_specs():
+        create_method(spec["method"], spec["settings"])  # raises on an unknown or bad value
+        assert spec["task"] in cached.TASKS and spec["run_id"] in ids

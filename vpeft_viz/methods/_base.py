@@ -87,6 +87,9 @@ class PeftMethod:
     # Seeds of this method in the shipped cached_runs/ store, on each of its tasks (see
     # vpeft_viz/runs/cached.py); empty: not shipped.
     cached_seeds: ClassVar[tuple[int, ...]] = (0, 1)
+    # Extra shipped runs at other settings (seed 0), as (label, settings, tasks): e.g. DyT at a
+    # second target rate; run ids <task>-<method>-<label>-s0.
+    cached_variants: ClassVar[tuple[tuple[str, dict[str, Any], tuple[str, ...]], ...]] = ()
     # Exact trainable parameters (head excluded) on timm's vit_base_patch16_224, as
     # (settings, count) pairs that tests and docs/methods.md check; empty with a reason in
     # vit_b_uncounted when the count depends on data.

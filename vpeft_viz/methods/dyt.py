@@ -193,6 +193,7 @@ class DyT(PeftMethod):
     title = "DyT"
     view_page = "6_DyT.py"
     cached_seeds = (0,)
+    cached_variants = (("r0.3", {"r": 0.3}, ("count",)),)  # a second target for the r views
     vit_b_counts = (({}, 165_996), ({"rank": 16}, 313_548))  # 18,444 · (rank + 1)
     summary = ("Let a tiny scorer in every block decide which image patches go through the "
                "MLP (the rest skip it), with a small adapter beside the MLP on all of them.")

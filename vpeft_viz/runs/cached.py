@@ -49,24 +49,39 @@ COMMAND = "python -m vpeft_viz cache-runs"
 Progress = Callable[[int, int, str], None]  # (runs finished, runs planned, message)
 
 
+def variant_specs(*, quick: bool = False) -> list[dict[str, Any]]:
+    """The extra shipped runs methods declare at other settings (``cached_variants``)."""
+    from ..methods import get_method_class, method_names
+
+    out = []
+    for method in method_names():
+        for label, settings, tasks in get_method_class(method).cached_variants:
+            for task in tasks:
+                out.append({"method": method, "task": task, "seed": 0,
+                            "epochs": 1 if quick else EPOCHS, "settings": dict(settings),
+                            "run_id": f"{task}-{method}-{label}-s0"})
+    return out
+
+
 def planned_runs(recipe: Sequence[tuple[str, str, Sequence[int], int]] | None = None, *,
                  quick: bool = False) -> list[dict[str, Any]]:
-    """One entry per run: method, task, seed, epochs and its deterministic run id.
-    ``quick`` keeps the first seed and one epoch (to check the recipe end to end)."""
+    """One entry per run: method, task, seed, epochs, settings and its deterministic run id.
+    ``quick`` keeps the first seed and one epoch (to check the recipe end to end). The
+    default recipe includes the methods' declared variants."""
     out = []
     for method, task, seeds, epochs in (default_recipe() if recipe is None else recipe):
         for seed in (seeds[:1] if quick else seeds):
             out.append({"method": method, "task": task, "seed": int(seed),
-                        "epochs": 1 if quick else int(epochs),
+                        "epochs": 1 if quick else int(epochs), "settings": {},
                         "run_id": f"{task}-{method}-s{seed}"})
-    return out
+    return out + (variant_specs(quick=quick) if recipe is None else [])
 
 
 def _run_config(spec: dict[str, Any], pretrained: bool, device: str = "auto") -> dict[str, Any]:
     from .execute import make_run_config
 
     return make_run_config(method=spec["method"], data=f"embedded:{spec['task']}",
-                           pretrained=pretrained,
+                           pretrained=pretrained, method_config=spec.get("settings") or None,
                            train={"epochs": spec["epochs"], "seed": spec["seed"],
                                   "device": device})
 
@@ -108,6 +123,7 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
     from ..backbones import EMBEDDED_WEIGHTS
     from .execute import execute_run, versions
 
+    specs = planned_runs(recipe, quick=quick)
     recipe = default_recipe() if recipe is None else recipe
     pretrained = EMBEDDED_WEIGHTS.is_file()
     if not pretrained and not quick:
@@ -118,7 +134,6 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
     if update and out.is_dir() and not partial.exists():
         shutil.copytree(out, partial)
     store = RunStore(partial)
-    specs = planned_runs(recipe, quick=quick)
     start = time.time()
     trained: list[str] = []
     for i, spec in enumerate(specs):
@@ -148,6 +163,8 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
                 "weight_limit_bytes": WEIGHT_LIMIT_BYTES,
                 "recipe": [{"method": m, "task": t, "seeds": list(s), "epochs": e}
                            for m, t, s, e in recipe],
+                "variants": [{k: s[k] for k in ("run_id", "method", "task", "settings")}
+                             for s in specs if s["settings"]],
                 "runs": [s["run_id"] for s in specs], "trained": trained,
                 "kept": [s["run_id"] for s in specs if s["run_id"] not in trained],
                 "versions": versions()}
@@ -187,6 +204,9 @@ def readme() -> str:
         for s, names in by_seeds.items())
     views = sorted({m for names in by_seeds.values() for m in names
                     if get_method_class(m).view_page})
+    variants = "; ".join(
+        f"`{s['run_id']}` (" + ", ".join(f"{k}={v}" for k, v in s["settings"].items()) + ")"
+        for s in variant_specs())
     return f"""# cached_runs/ — the shipped run store
 
 A read-only store of finished runs in the run-directory format (see `docs/run-store.md`),
@@ -200,7 +220,8 @@ which runs the recipe in `vpeft_viz/runs/cached.py`, derived from each method's
 
 - methods: {methods} (the methods with their own view: {", ".join(views)});
 - tasks: {", ".join(TASKS)} (embedded; one per VTAB group: natural, specialized, structured);
-- {EPOCHS} epochs each, default training recipe and method settings;
+- {EPOCHS} epochs each, default training recipe and method settings, plus the extra runs
+  methods declare at other settings (`cached_variants`): {variants or "none"};
 - the embedded backbone with its shipped weights.
 
 That is {len(planned_runs())} runs, each up to a minute or so on two CPU cores.

@@ -19,7 +19,15 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..backbones import EMBEDDED_BACKBONE, create_backbone, image_size, input_stats
+from ..backbones import (
+    EMBEDDED_BACKBONE,
+    BackboneError,
+    check_backbone_name,
+    create_backbone,
+    hub_weights_cached,
+    image_size,
+    input_stats,
+)
 from ..config import ConfigError
 from ..data import check_data_spec, resolve_data
 from ..data.dataset import NORMALIZATIONS, ImageDataset, make_loader, resolve_normalization
@@ -57,6 +65,10 @@ def make_run_config(*, method: str, data: str, backbone: str | None = None,
         raise ConfigError(f"data.normalization must be one of {', '.join(NORMALIZATIONS)}; "
                           f"got {normalization!r}")
     check_data_spec(data)
+    try:  # a typo or a non-ViT fails here, before a run directory exists
+        check_backbone_name(backbone or EMBEDDED_BACKBONE)
+    except BackboneError as e:
+        raise ConfigError(f"backbone: {e}") from None
     name = data.split(":", 1)[1] if data.startswith("embedded:") else Path(data).name
     return {
         "method": method,
@@ -115,6 +127,20 @@ def build_loaders(task, model, cfg: dict, train_cfg: TrainConfig):
     return loaders
 
 
+def class_names(task) -> list[str]:
+    """What to call each class in ``eval.json``: the folder's names, the embedded task's
+    (generated tasks are read back as plain VTAB folders, without them), or the class ids."""
+    if task.class_names:
+        return [str(c) for c in task.class_names]
+    if task.format == "embedded":
+        from ..data.embedded import get_task
+
+        names = [str(c) for c in get_task(task.name).class_names]
+        if len(names) == task.num_classes:
+            return names
+    return [str(i) for i in range(task.num_classes)]
+
+
 def execute_run(run: Run, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Run the training a run directory describes; returns the summary.
 
@@ -148,6 +174,8 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
     run.update_progress(phase="data")
     task = resolve_data(cfg["data"]["spec"], seed=train_cfg.seed)
     bb = cfg["backbone"]
+    if bb["pretrained"] and not bb["checkpoint"] and not hub_weights_cached(bb["name"]):
+        run.update_progress(phase="weights")  # timm downloads them in create_backbone
     model = create_backbone(bb["name"], num_classes=task.num_classes,
                             pretrained=bb["pretrained"], checkpoint=bb["checkpoint"])
     backbone_params = sum(p.numel() for n, p in model.named_parameters()
@@ -192,7 +220,7 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
         "flops_per_image": flops_per_image(model, sample),
     })
     run.save_artifact("eval.json", {
-        "class_names": task.class_names,
+        "class_names": class_names(task),
         "test_confusion": test.confusion, "test_per_class_acc": test.per_class_acc,
     })
     arts = method.artifacts(model)

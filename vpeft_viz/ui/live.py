@@ -22,7 +22,8 @@ IDLE_EVERY_S = 10.0
 STATE_ICONS = {"queued": ":material/schedule:", "running": ":material/play_circle:",
                "done": ":material/check_circle:", "failed": ":material/error:",
                "cancelled": ":material/cancel:"}
-PHASES = {"data": "loading data", "prepare": "preparing the method (selection from data)",
+PHASES = {"data": "loading data", "weights": "downloading weights",
+          "prepare": "preparing the method (selection from data)",
           "test": "testing the selected weights"}
 
 

@@ -10,7 +10,7 @@ from vpeft_viz.analysis.compare import aggregate
 from vpeft_viz.analysis.tour import TOUR_METHODS, pick_tour_task, tour_step_index, tour_steps
 from vpeft_viz.methods import view_pages
 from vpeft_viz.plots.compare import pareto_scatter
-from vpeft_viz.ui.common import method_catalogue, page_path, protocol_note
+from vpeft_viz.ui.common import link_to_page, method_catalogue, page_path, protocol_note
 from vpeft_viz.ui.stores import load_run_table
 
 st.set_page_config(page_title="Methods · vpeft-viz", layout="wide")
@@ -91,5 +91,5 @@ with tour:
             st.query_params["step"] = str(i + 2)
             st.rerun()
         if i == len(steps) - 1:
-            st.page_link("pages/2_Compare.py", label=f"Open the Compare page on {task}",
+            link_to_page("2_Compare.py", f"Open the Compare page on {task}",
                          icon=":material/compare_arrows:", query_params={"task": task})

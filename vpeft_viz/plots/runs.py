@@ -23,3 +23,15 @@ def curves_figure(metrics: list[dict[str, Any]]) -> go.Figure:
     fig.update_layout(height=260, margin={"l": 10, "r": 10, "t": 30, "b": 10},
                       legend={"orientation": "h", "y": -0.3})
     return fig
+
+
+def step_loss_figure(points: list[list[float]]) -> go.Figure:
+    """Training loss per optimisation step (``[[step, loss], ...]``): what the first epoch
+    shows before its first per-epoch point."""
+    fig = go.Figure(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points],
+                               mode="lines+markers", name="train loss",
+                               line={"color": "#1f77b4"}, marker={"size": 4}))
+    fig.update_layout(height=220, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                      title={"text": "Training loss per step (first epoch)", "font": {"size": 13}},
+                      xaxis_title="step", yaxis_title="loss")
+    return fig

@@ -40,6 +40,7 @@ from ..train import (
     fit,
     flops_per_image,
     peak_memory_bytes,
+    reset_peak_memory,
     resolve_device,
     seed_everything,
 )
@@ -81,11 +82,16 @@ def make_run_config(*, method: str, data: str, backbone: str | None = None,
     }
 
 
+MAX_LOSS_POINTS = 240  # per-step losses kept in status.json (the last ones, ~2 min at 2/s)
+
+
 class RunRecorder(Callback):
-    """Mirrors training progress into the run directory (throttled) and relays cancels."""
+    """Mirrors training progress into the run directory (throttled) and relays cancels;
+    the progress keeps the last per-step losses, drawn while epoch 1 has no point yet."""
 
     def __init__(self, run: Run, every_s: float = 0.5):
         self.run, self.every_s, self._last = run, every_s, 0.0
+        self._losses: list[list[float]] = []  # [step, loss] at each progress update
         self._start = time.perf_counter()
 
     def on_start(self, info: dict) -> None:
@@ -98,8 +104,9 @@ class RunRecorder(Callback):
             self._last = now
             elapsed = now - self._start
             eta = elapsed / step * (total_steps - step) if step else None
+            self._losses = [*self._losses[-(MAX_LOSS_POINTS - 1):], [step, loss]]
             self.run.update_progress(step=step, steps=total_steps, loss=loss,
-                                     elapsed_s=elapsed, eta_s=eta)
+                                     elapsed_s=elapsed, eta_s=eta, loss_curve=self._losses)
 
     def on_epoch(self, row: dict) -> None:
         self.run.append_metrics(row)
@@ -167,8 +174,7 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
     train_cfg = TrainConfig.from_dict(cfg["train"])
     method = create_method(cfg["method"], cfg["method_config"])
     device = resolve_device(train_cfg.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)  # the run's own peak, not its process's earlier high-water
     seed_everything(train_cfg.seed)
 
     run.update_progress(phase="data")

@@ -12,9 +12,11 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pandas as pd
 import streamlit as st
+from streamlit.errors import StreamlitPageNotFoundError
 
 from ..analysis.compare import PROTOCOL_NOTE
 from ..analysis.cost import human_bytes, human_count
@@ -54,6 +56,22 @@ def page_title(path: Path) -> str:
 def page_path(file_name: str) -> str | None:
     """The path ``st.page_link`` wants for ``pages/<file_name>``, or None if not built yet."""
     return f"pages/{file_name}" if (PAGES_DIR / file_name).is_file() else None
+
+
+def link_to_page(file_name: str, label: str, *, icon: str | None = None,
+                 query_params: dict[str, str] | None = None) -> None:
+    """A link to ``pages/<file_name>`` (nothing if that page is not built), with the view it
+    should open in its query parameters. A page script run on its own, outside the app's
+    navigation (``AppTest.from_file("pages/1_Train.py")``), knows no other page: there the
+    link is a plain markdown link to the same URL."""
+    path = page_path(file_name)
+    if path is None:
+        return
+    try:
+        st.page_link(path, label=label, icon=icon, query_params=query_params)
+    except StreamlitPageNotFoundError:
+        query = f"?{urlencode(query_params)}" if query_params else ""
+        st.markdown(f"[{label}]({page_title(Path(file_name))}{query})")
 
 
 def protocol_note() -> None:

@@ -128,10 +128,9 @@ else:
                     key="per-class")
     pick = st.selectbox("Confusion matrix of", list(evals), key="detail-confusion")
     ev = evals[pick]
-    st.plotly_chart(confusion_heatmap(ev.confusion, ev.class_names,
-                                      title=f"{pick}: images summed over {ev.n_runs} seed(s); "
-                                            "colour: share of the true class"),
-                    key="confusion")
+    st.caption(f"**{pick}**: images summed over {ev.n_runs} seed(s); rows: true class, "
+               "colour: share of the true class")  # a title in the figure meets its toolbar
+    st.plotly_chart(confusion_heatmap(ev.confusion, ev.class_names), key="confusion")
 
 st.subheader("Export")
 e1, e2 = st.columns(2)

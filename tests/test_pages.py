@@ -82,6 +82,12 @@ def test_compare_with_runs(synthetic: Path) -> None:
     assert len(table) == 9  # 4 methods × 2 tasks (cached) + ssf (user)
     lora = table[(table["Task"] == "digits") & (table["Method"] == "lora")].iloc[0]
     assert lora["Seeds"] == 3 and lora["Test acc"] == pytest.approx(80.0)
+    # readable on a projector: method and accuracy first, "–" (not None) where a value is
+    # missing (one seed: no spread), no column equal on every row
+    assert list(table.columns[:2]) == ["Method", "Test acc"]
+    assert table.loc[table["Method"] == "ssf", "Test ±"].tolist() == ["–"]
+    assert not table.isna().any().any() and "None" not in table.astype(str).to_string()
+    assert "Backbone" not in table.columns and "Backbone" in texts(at)  # said once, above
     means = at.dataframe[1].value
     assert set(means["plain mean is"]) == {"plain mean over 2 tasks", "plain mean over 1 task"}
     assert "differe" in texts(at)  # task sets differ: ssf was run on one task only

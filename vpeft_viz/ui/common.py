@@ -231,6 +231,17 @@ def _display(col: str, value: Any) -> str:
     return fmt(value) if callable(fmt) else fmt.format(value)
 
 
+def _dashes(t: pd.DataFrame) -> pd.DataFrame:
+    """Columns with a missing value become text with "–" there (the table widget shows
+    "None" for a missing number, whatever the style says); full columns stay numbers, so
+    they still sort as numbers."""
+    t = t.copy()
+    for col in t.columns:
+        if t[col].isna().any():
+            t[col] = [_display(col, v) for v in t[col]]
+    return t
+
+
 def comparison_table(agg: pd.DataFrame) -> None:
     """The per-task comparison (one row per task × method × setting), sortable; numbers
     rounded for a projector (accuracies one decimal, bytes in KB/MB/GB), "–" where a value
@@ -239,8 +250,9 @@ def comparison_table(agg: pd.DataFrame) -> None:
     if constant:
         st.caption("Same for every row: " + " · ".join(f"**{k}** {v}"
                                                       for k, v in constant.items()))
-    formats = {c: (lambda v, c=c: _display(c, v)) for c in t.columns}
-    st.dataframe(t.style.format(formats, na_rep="–"), hide_index=True, width="stretch",
+    t = _dashes(t)
+    formats = {c: (lambda v, c=c: _display(c, v)) for c in t.columns if t[c].dtype.kind in "fi"}
+    st.dataframe(t.style.format(formats), hide_index=True, width="stretch",
                  column_config={c: st.column_config.Column(help=h)
                                 for c, h in TABLE_HELP.items() if c in t.columns})
 
@@ -256,5 +268,13 @@ def means_table(means: pd.DataFrame, metric_label: str = "Test acc") -> None:
         "Backbone": means["backbone"], "Task set": means["tasks"],
     })
     t["Setting"] = t["Setting"].map(lambda v: v if isinstance(v, str) and v else None)
+    if t["Setting"].isna().all():
+        t = t.drop(columns="Setting")
     pct = {f"{metric_label}, plain mean": "{:.1f}", f"{metric_label}, group mean": "{:.1f}"}
-    st.dataframe(t.style.format(pct, na_rep="–"), hide_index=True, width="stretch")
+    t = t.copy()
+    for col in t.columns:
+        if t[col].isna().any():
+            fmt = pct.get(col)
+            t[col] = ["–" if pd.isna(v) else (fmt.format(v) if fmt else str(v)) for v in t[col]]
+    st.dataframe(t.style.format({c: f for c, f in pct.items() if t[c].dtype.kind == "f"}),
+                 hide_index=True, width="stretch")

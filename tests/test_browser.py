@@ -342,11 +342,12 @@ def test_home_start_here_and_shared_links(server, browser, tmp_path):
                                                  '[data-testid="stSidebarNav"]').text,
                     30, "the navigation")
     assert "Home" in nav.split("\n") and "app" not in nav.split("\n"), nav
-    task_box = browser.find_element(
-        By.XPATH, '//div[@data-testid="stSelectbox"][.//label[normalize-space(.)="Task"]]')
-    assert "count" in task_box.text
-    active = browser.find_element(By.CSS_SELECTOR, 'button[role="tab"][aria-selected="true"]')
-    assert active.text.strip() == "vs peak memory"
+    task_box = '//div[@data-testid="stSelectbox"][.//label[normalize-space(.)="Task"]]'
+    page.wait(lambda: "count" in browser.find_element(By.XPATH, task_box).text, 60,
+              "the Task picker to show count")
+    active = 'button[role="tab"][aria-selected="true"]'
+    page.wait(lambda: browser.find_element(By.CSS_SELECTOR, active).text.strip()
+              == "vs peak memory", 30, "the 'vs peak memory' tab to be open")
     page.shot("shared_compare")
 
     # the page icon is served by the app itself, never fetched from another host

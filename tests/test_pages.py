@@ -140,3 +140,23 @@ def test_methods_guided_tour_walks_to_the_end(synthetic: Path) -> None:
     at.button(key="tour-back").click().run()
     assert at.subheader[0].value == "Seeds matter"
     assert at.dataframe  # the per-seed table
+
+
+def test_home_starts_here_with_a_link_to_the_tour_step(empty: Path) -> None:
+    at = page()
+    (start,) = [link.proto for link in at.get("page_link")
+                if link.proto.label.startswith("Start here")]
+    assert start.page == "Methods" and start.query_string == "tab=Guided+tour&step=1"
+
+
+def test_tour_step_comes_from_the_url(synthetic: Path) -> None:
+    first = page("3_Methods.py").subheader[0].value
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.switch_page("pages/3_Methods.py")
+    at.query_params["step"] = "3"
+    at.run()
+    assert not at.exception
+    assert at.subheader[0].value != first
+    assert "Step 3 of" in at.get("progress")[0].proto.text
+    at.button(key="tour-next").click().run()
+    assert at.query_params["step"] == "4"

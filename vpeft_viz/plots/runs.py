@@ -11,7 +11,8 @@ from plotly.subplots import make_subplots
 def curves_figure(metrics: list[dict[str, Any]]) -> go.Figure:
     """Loss and accuracy per epoch, train and validation, side by side."""
     epochs = [m["epoch"] for m in metrics]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"))
+    # Axis titles, not subplot titles: a title over the right plot sits under plotly's toolbar.
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12)
     for split, colour in (("train", "#1f77b4"), ("val", "#ff7f0e")):
         for col, metric in ((1, "loss"), (2, "acc")):
             fig.add_trace(go.Scatter(
@@ -19,7 +20,8 @@ def curves_figure(metrics: list[dict[str, Any]]) -> go.Figure:
                 name=split, legendgroup=split, showlegend=col == 1, line={"color": colour}),
                 row=1, col=col)
     fig.update_xaxes(title_text="epoch", dtick=1 if len(epochs) <= 12 else None)
-    fig.update_yaxes(tickformat=".0%", row=1, col=2)
+    fig.update_yaxes(title_text="loss", row=1, col=1)
+    fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=1, col=2)
     fig.update_layout(height=260, margin={"l": 10, "r": 10, "t": 30, "b": 10},
                       legend={"orientation": "h", "y": -0.3})
     return fig

@@ -169,6 +169,13 @@ class Page:
 
         self.wait(quiet, timeout, "the script to finish")
 
+    def shown_value(self, xpath: str) -> str:
+        """What a widget shows: its text and the values of its inputs (a select box draws
+        its choice in an input)."""
+        box = self.d.find_element(By.XPATH, xpath)
+        inputs = box.find_elements(By.TAG_NAME, "input")
+        return " ".join([box.text, *(i.get_attribute("value") or "" for i in inputs)])
+
     def button(self, label_start: str):
         for b in self.d.find_elements(By.CSS_SELECTOR, '[data-testid="stButton"] button'):
             if b.text.strip().startswith(label_start):
@@ -343,9 +350,9 @@ def test_home_start_here_and_shared_links(server, browser, tmp_path):
                     30, "the navigation")
     assert "Home" in nav.split("\n") and "app" not in nav.split("\n"), nav
     task_box = '//div[@data-testid="stSelectbox"][.//label[normalize-space(.)="Task"]]'
-    page.wait(lambda: "count" in browser.find_element(By.XPATH, task_box).text, 60,
+    page.wait(lambda: "count" in page.shown_value(task_box), 60,
               "the Task picker to show count")
-    active = 'button[role="tab"][aria-selected="true"]'
+    active = '[role="tab"][aria-selected="true"]'
     page.wait(lambda: browser.find_element(By.CSS_SELECTOR, active).text.strip()
               == "vs peak memory", 30, "the 'vs peak memory' tab to be open")
     page.shot("shared_compare")

@@ -179,6 +179,7 @@ def test_progress_text_covers_prepare_and_training():
 
     frac, text = progress_text({"phase": "prepare", "prepare_done": 4, "prepare_total": 16})
     assert frac == 0.25 and "4/16" in text
+    assert progress_text({"phase": "weights"})[1] == "downloading weights"
     frac, text = progress_text({"phase": "train", "step": 30, "steps": 120, "epochs": 10,
                                 "loss": 0.5, "eta_s": 65})
     assert frac == 0.25 and "epoch 3/10" in text and "loss 0.500" in text and "ETA" in text

@@ -97,6 +97,11 @@ for tab, (cost, label, log_x) in zip(tabs, [
                                                                    front["setting"])) or "–")
                    + (f". Dotted line: chance, 1 / {int(classes.iloc[0])} classes."
                       if chance else ""))
+        if cost == "peak_memory_bytes" and len(on_task) > 2 and on_task[cost].nunique() == 1:
+            st.warning("Every group here has the same peak memory: these runs recorded their "
+                       "process's high-water mark, not their own peak (runs made before "
+                       "per-run measurement; `python -m vpeft_viz cache-runs` remeasures the "
+                       "shipped ones).", icon=":material/warning:")
 
 st.markdown("**Training curves** (mean over seeds, band: ±1 std)")
 metric = st.selectbox("Metric", list(CURVE_LABELS), format_func=CURVE_LABELS.get,

@@ -1,9 +1,11 @@
-"""vpeft-viz dashboard home: ``streamlit run app.py`` (or ``make run``) from the repository root.
+"""vpeft-viz dashboard: ``streamlit run app.py`` (or ``make run``) from the repository root.
 
-Streamlit's classic multipage layout: this file is the home page and every ``pages/*.py``
-script is a page of the sidebar, in file-name order, so a page added later appears by itself.
-(``st.navigation`` was tried: with a ``pages/`` folder present, Streamlit runs the first script
-run of a process in the old mode around it, so the classic layout is the robust choice.)
+This script is the router: ``st.navigation`` lists the home page (labelled "Home") and every
+``pages/*.py`` script, in file-name order, so a page added later appears by itself and each
+page file still runs on its own (``AppTest.from_file("pages/2_Compare.py")``). Views are
+shareable: the pages keep their task, tab and tour step in the URL's query parameters.
+The icon is a file shipped in the package: a Material icon as favicon would be fetched from
+Google's font servers by the browser.
 """
 
 from __future__ import annotations
@@ -12,10 +14,16 @@ import streamlit as st
 
 from vpeft_viz.plots import human_bytes, human_count
 from vpeft_viz.runs import REPO_ROOT
-from vpeft_viz.ui.common import embedded_info, hardware, page_blurb, page_files, page_title
+from vpeft_viz.ui.common import (
+    APP_ICON,
+    embedded_info,
+    hardware,
+    page_blurb,
+    page_files,
+    page_path,
+    page_title,
+)
 from vpeft_viz.ui.stores import SOURCE_LABELS, run_counts, store_roots
-
-st.set_page_config(page_title="vpeft-viz", page_icon=":material/biotech:", layout="wide")
 
 
 def home() -> None:
@@ -27,6 +35,13 @@ def home() -> None:
         "select, where they act, what they change), and compare them on accuracy, trainable "
         "parameters, bytes per task, FLOPs, memory and speed. The lab opens on shipped cached "
         "runs and works offline on an embedded backbone and task suite.")
+    tour = next((p for p in page_files() if page_title(p) == "Methods"), None)
+    if tour is not None and (path := page_path(tour.name)):
+        with st.container(border=True):
+            st.markdown("**New here?** The guided tour walks through one comparison on the "
+                        "shipped runs, step by step, in a few minutes.")
+            st.page_link(path, label="Start here: the guided tour", icon=":material/flag:",
+                         query_params={"tab": "Guided tour", "step": "1"})
 
     left, right = st.columns(2)
     with left:
@@ -84,4 +99,7 @@ def home() -> None:
                      label=title + (f": {blurb}" if blurb else ""))
 
 
-home()
+st.set_page_config(page_title="vpeft-viz", page_icon=APP_ICON, layout="wide")
+st.navigation([st.Page(home, title="Home", icon=":material/home:", default=True),
+               *(st.Page(str(p.relative_to(REPO_ROOT)), title=page_title(p))
+                 for p in page_files())]).run()

@@ -7,10 +7,10 @@ registry) and walks through one comparison on the cached runs.
 import streamlit as st
 
 from vpeft_viz.analysis.compare import aggregate
-from vpeft_viz.analysis.tour import TOUR_METHODS, pick_tour_task, tour_steps
+from vpeft_viz.analysis.tour import TOUR_METHODS, pick_tour_task, tour_step_index, tour_steps
 from vpeft_viz.methods import view_pages
 from vpeft_viz.plots.compare import pareto_scatter
-from vpeft_viz.ui.common import method_catalogue, page_path, protocol_note
+from vpeft_viz.ui.common import link_to_page, method_catalogue, page_path, protocol_note
 from vpeft_viz.ui.stores import load_run_table
 
 st.set_page_config(page_title="Methods · vpeft-viz", layout="wide")
@@ -18,7 +18,8 @@ st.title("Methods")
 catalogue = method_catalogue()
 by_name = {m["name"]: m for m in catalogue}
 views = view_pages()
-hub, tour = st.tabs(["All methods", "Guided tour"])
+# The tab and the tour step live in the URL (?tab=Guided+tour&step=3): a lecturer can share it.
+hub, tour = st.tabs(["All methods", "Guided tour"], key="tab", bind="query-params")
 
 with hub:
     st.caption(f"{len(catalogue)} registered methods. Parameter counts are on the embedded "
@@ -68,7 +69,7 @@ with tour:
         steps = tour_steps(agg, table.runs, task,
                            titles={k: v["title"] for k, v in by_name.items()},
                            summaries={k: v["summary"] for k, v in by_name.items()})
-        i = min(st.session_state.get("tour_step", 0), len(steps) - 1)
+        i = tour_step_index(st.query_params.get("step"), len(steps))
         step = steps[i]
         st.progress((i + 1) / len(steps), text=f"Step {i + 1} of {len(steps)}: {step.title}")
         st.subheader(step.title)
@@ -84,11 +85,11 @@ with tour:
             protocol_note()
         back, nxt, _ = st.columns([1, 1, 4])
         if back.button("Back", disabled=i == 0, key="tour-back"):
-            st.session_state["tour_step"] = i - 1
+            st.query_params["step"] = str(i)  # 1-based in the URL
             st.rerun()
         if nxt.button("Next", disabled=i == len(steps) - 1, key="tour-next"):
-            st.session_state["tour_step"] = i + 1
+            st.query_params["step"] = str(i + 2)
             st.rerun()
         if i == len(steps) - 1:
-            st.page_link("pages/2_Compare.py", label="Open the Compare page",
-                         icon=":material/compare_arrows:")
+            link_to_page("2_Compare.py", f"Open the Compare page on {task}",
+                         icon=":material/compare_arrows:", query_params={"task": task})

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, TensorDataset
+
+# Nothing downloads at test time, and no test probes the network: the hub is offline for
+# every test and every process a test starts (tests that need "online" patch the probe).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 # 32 px images, 8 px patches: 16 patch tokens + CLS, 48 wide, 2 blocks, 5 classes.
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=5)

@@ -3,8 +3,12 @@
 Starts ``streamlit run app.py`` on a free localhost port (run store and embedded-task cache
 in tmp dirs), then drives Debian's ``chromium`` through ``chromedriver`` (Selenium, with the
 driver's path given so Selenium Manager never downloads anything): open the Train page,
-launch a one-epoch linear probe on an embedded task, watch it finish, find it on the Compare
-page. Screenshots of every step are saved in the test's tmp dir.
+launch a one-epoch linear probe on an embedded task, watch it finish, follow its card's link
+to the Compare page; an invalid number blocks Launch; the home page is "Home" in the
+navigation, its "Start here" link and every shared link (task, tab, tour step in the URL)
+open the view they name, even as the first request a fresh server gets. Screenshots of every
+step are saved in the test's tmp dir. Each test starts its own server on a port the kernel
+hands out (bound to port 0), so engineers running the suite at once do not collide.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -46,6 +51,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 SERVER_START_S = 90
+PAGE_LOAD_S = 150  # first render of a page (its widget code loads lazily) on a busy machine
 RUN_S = 180  # the run, from launch to done, on a busy 2-core machine
 TASK = "digits"
 
@@ -163,6 +169,13 @@ class Page:
 
         self.wait(quiet, timeout, "the script to finish")
 
+    def shown_value(self, xpath: str) -> str:
+        """What a widget shows: its text and the values of its inputs (a select box draws
+        its choice in an input)."""
+        box = self.d.find_element(By.XPATH, xpath)
+        inputs = box.find_elements(By.TAG_NAME, "input")
+        return " ".join([box.text, *(i.get_attribute("value") or "" for i in inputs)])
+
     def button(self, label_start: str):
         for b in self.d.find_elements(By.CSS_SELECTOR, '[data-testid="stButton"] button'):
             if b.text.strip().startswith(label_start):
@@ -234,7 +247,7 @@ def test_train_a_run_and_compare_it(server, browser, tmp_path):
     url, store = server
     page = Page(browser, tmp_path)
     browser.get(f"{url}/Train")
-    page.wait(lambda: page.button("Launch"), 60, "the Launch button")
+    page.wait(lambda: page.button("Launch"), PAGE_LOAD_S, "the Launch button")
     page.idle()
     page.no_exception()
     assert f"{TASK} (" in page.text()  # the embedded task picker, first task chosen
@@ -259,20 +272,113 @@ def test_train_a_run_and_compare_it(server, browser, tmp_path):
     page.shot("running")
 
     browser.refresh()  # a reload loses nothing: the run is still there, still updating
-    page.wait_text(f"linear · {TASK} · seed 0", 60)
+    label = f"linear · {TASK} · vit_tiny_patch4_32_vpeft · 1 epoch · seed 0"
+    page.wait_text(label, 60)
     page.wait(lambda: " done · " in page.text() or run.status()["status"] in ("failed",
               "cancelled"), deadline - time.monotonic(), "the run to finish")
     status = run.status()
     assert status["status"] == "done", status.get("error")
-    page.wait_text(f"linear · {TASK} · seed 0 done", 10)
+    page.wait_text(f"{label} done", 10)
     page.no_exception()
     page.shot("done")
 
-    browser.get(f"{url}/Compare")
+    # the finished run keeps its card, with a link to Compare on its task
+    link = f"Compare it with the other runs on {TASK}"
+    page.wait_text(link, 30)
+    page.settled(lambda: browser.find_element(By.PARTIAL_LINK_TEXT, link).click(),
+                 "following the card's link to Compare")
     page.wait_text("Compare methods", 60)
     page.idle()
     page.wait_text("runs in", 30)  # "<n> runs in <m> groups", once the table has loaded
     page.no_exception()
+    assert f"task={TASK}" in browser.current_url
     assert "No finished runs yet" not in page.text()
     assert "linear" in page.text() and TASK in page.text()
     page.shot("compare")
+
+
+def _query(url: str) -> dict[str, list[str]]:
+    return urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
+
+
+def test_invalid_number_blocks_launch(server, browser, tmp_path):
+    url, store = server
+    page = Page(browser, tmp_path)
+    browser.get(f"{url}/Train")
+    page.wait(lambda: page.button("Launch"), PAGE_LOAD_S, "the Launch button")
+    page.idle()
+    for label in ("Epochs", "rank"):
+        page.set_input(label, "0")
+        page.wait_text("Launch is blocked", 15)
+        assert not page.button("Launch").is_enabled(), f"Launch enabled with {label} = 0"
+        page.shot(f"blocked_{label}")
+        page.set_input(label, "2")
+    page.wait(lambda: page.button("Launch").is_enabled(), 15, "Launch to be enabled again")
+    assert "Launch is blocked" not in page.text()
+    # the form lives in the URL: a reload keeps it
+    page.wait(lambda: _query(browser.current_url).get("train.epochs") == ["2"], 10,
+              "train.epochs=2 in the URL")
+    browser.refresh()
+    page.wait(lambda: page.button("Launch"), 60, "the Launch button after a reload")
+    page.idle()
+    box = 'input[aria-label="Epochs"]'
+    page.wait(lambda: browser.find_element(By.CSS_SELECTOR, box).get_attribute("value") == "2",
+              15, "Epochs to read 2 after the reload")
+    # the configuration Launch would queue is on the page, with the values just typed
+    page.settled(lambda: browser.find_element(
+        By.XPATH, '//summary[contains(., "Exactly what Launch queues")]').click(),
+        "opening the queued configuration")
+    page.wait_text('"epochs": 2', 15)
+    page.wait_text('"rank": 2', 15)
+    page.no_exception()
+    assert store.list() == []  # nothing was queued on the way
+    page.shot("config_shown")
+
+
+def test_home_start_here_and_shared_links(server, browser, tmp_path):
+    url, _ = server
+    page = Page(browser, tmp_path)
+    # A shared deep link as the very first request of a fresh server opens that view, with
+    # the navigation of the app (Home, not the script's name).
+    browser.get(f"{url}/Compare?task=count&tab=vs+peak+memory")
+    page.wait_text("Compare methods", 60)
+    page.idle()
+    page.wait_text("runs in", 30)
+    page.no_exception()
+    nav = page.wait(lambda: browser.find_element(By.CSS_SELECTOR,
+                                                 '[data-testid="stSidebarNav"]').text,
+                    30, "the navigation")
+    assert "Home" in nav.split("\n") and "app" not in nav.split("\n"), nav
+    task_box = '//div[@data-testid="stSelectbox"][.//label[normalize-space(.)="Task"]]'
+    page.wait(lambda: "count" in page.shown_value(task_box), 60,
+              "the Task picker to show count")
+    active = '[role="tab"][aria-selected="true"]'
+    page.wait(lambda: browser.find_element(By.CSS_SELECTOR, active).text.strip()
+              == "vs peak memory", 30, "the 'vs peak memory' tab to be open")
+    page.shot("shared_compare")
+
+    # the page icon is served by the app itself, never fetched from another host
+    icons = [e.get_attribute("href") for e in browser.find_elements(
+        By.CSS_SELECTOR, 'link[rel~="icon"]')]
+    assert icons and all(h.startswith((url, "data:")) for h in icons), icons
+
+    browser.get(url)
+    page.wait_text("Start here", 60)
+    page.idle()
+    page.settled(lambda: browser.find_element(By.PARTIAL_LINK_TEXT, "Start here").click(),
+                 "following Start here")
+    page.wait_text("Step 1 of", 60)
+    page.idle()
+    assert _query(browser.current_url) == {"tab": ["Guided tour"], "step": ["1"]}
+    page.settled(lambda: page.button("Next").click(), "clicking Next")
+    page.wait_text("Step 2 of", 30)
+    page.idle()
+    page.wait(lambda: _query(browser.current_url).get("step") == ["2"], 10, "step=2 in the URL")
+    shared = browser.current_url
+    page.shot("tour_step_2")
+
+    browser.get(f"{url}/Train")  # leave, then open the shared link as a new visitor would
+    page.wait(lambda: page.button("Launch"), PAGE_LOAD_S, "the Launch button")
+    browser.get(shared)
+    page.wait_text("Step 2 of", 60)
+    page.no_exception()

@@ -6,9 +6,11 @@ recorder so a launch only puts runs on the queue in a tmp store.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
+import torch
 from conftest import write_vtab_task
 from streamlit.testing.v1 import AppTest
 
@@ -177,6 +179,123 @@ def test_progress_text_covers_prepare_and_training():
 
     frac, text = progress_text({"phase": "prepare", "prepare_done": 4, "prepare_total": 16})
     assert frac == 0.25 and "4/16" in text
+    assert progress_text({"phase": "weights"})[1] == "downloading weights"
     frac, text = progress_text({"phase": "train", "step": 30, "steps": 120, "epochs": 10,
                                 "loss": 0.5, "eta_s": 65})
     assert frac == 0.25 and "epoch 3/10" in text and "loss 0.500" in text and "ETA" in text
+
+
+# -- issue 15: what a first-time user tripped over -------------------------------------------
+def _code(at: AppTest) -> str:
+    return "\n".join(c.value for c in at.code)
+
+
+def test_invalid_numbers_block_launch_and_the_queued_config_is_shown(store, spawned):
+    at = _page()
+    for key, bad in (("method.lora.rank", 0), ("train.epochs", 0)):
+        at.number_input(key=key).set_value(bad).run()
+        assert not at.exception
+        assert at.number_input(key=key).value == bad  # the value reaches the check...
+        assert at.button(key="launch").disabled  # ...and blocks the launch
+        assert key.split(".")[-1] in _errors(at) and "Launch is blocked" in at.warning[0].value
+        assert not at.code  # nothing shown as "what Launch queues" while blocked
+    at.number_input(key="method.lora.rank").set_value(4).run()
+    at.number_input(key="train.epochs").set_value(2).run()
+    assert not at.button(key="launch").disabled
+    shown = json.loads(_code(at))
+    assert shown["method_config"]["rank"] == 4 and shown["train"]["epochs"] == 2
+    at.button(key="launch").click().run()
+    (job,) = queue.queue_state(store).queued
+    assert job.config == shown  # exactly what was shown is what was queued
+
+
+def test_form_lives_in_the_url(store, spawned):
+    # Every field is bound to the URL (the browser writes it; test_browser.py checks that):
+    # a reload, or a shared link, with those query parameters brings the form back.
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.query_params.update({"train.epochs": "3", "methods": ["Linear probe", "SSF"],
+                            "data.kind": "Task folder"})
+    at.run()
+    assert not at.exception
+    assert at.number_input(key="train.epochs").value == 3
+    assert at.multiselect(key="methods").value == ["linear", "ssf"]
+    assert at.radio(key="data.kind").value == "folder"
+
+
+def test_backbone_problems_are_caught_before_launch(store, spawned, tmp_path, monkeypatch):
+    import streamlit as st
+
+    from vpeft_viz.ui import forms
+
+    at = _page()
+    at.radio(key="backbone.kind").set_value("timm").run()
+    at.text_input(key="backbone.name").set_value("vit_base_patch16_244").run()
+    assert "did you mean vit_base_patch16_224" in _errors(at)
+    at.text_input(key="backbone.name").set_value("resnet50").run()
+    assert "not a VisionTransformer" in _errors(at) and at.button(key="launch").disabled
+    # weights not on this machine: offline they block the launch, online they are announced
+    monkeypatch.setattr(forms, "hub_weights_cached", lambda name: False)
+    monkeypatch.setattr(forms, "hub_reachable", lambda: False)
+    st.cache_data.clear()
+    at.text_input(key="backbone.name").set_value("vit_small_patch16_224").run()
+    assert "cannot be reached (offline)" in _errors(at) and at.button(key="launch").disabled
+    monkeypatch.setattr(forms, "hub_reachable", lambda: True)
+    st.cache_data.clear()
+    at.checkbox(key="backbone.pretrained").uncheck().run()
+    at.checkbox(key="backbone.pretrained").check().run()
+    assert not _errors(at)
+    assert any("downloading weights" in i.value for i in at.info)
+    # a checkpoint that is not a weights file
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    at.radio(key="backbone.kind").set_value("checkpoint").run()
+    at.text_input(key="backbone.path").set_value(str(junk)).run()
+    assert "cannot read checkpoint" in _errors(at) and at.button(key="launch").disabled
+    assert not at.exception
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_blocks_launch(store, spawned):
+    at = _page()
+    at.selectbox(key="train.device").set_value("cuda").run()
+    assert "torch sees no GPU" in _errors(at) and at.button(key="launch").disabled
+
+
+def test_finished_runs_keep_card_curves_and_a_link_to_compare(store, spawned, task):
+    cfg = make_run_config(method="linear", data=str(task), pretrained=False,
+                          train={"epochs": 2, "warmup_epochs": 0.0})
+    done = store.create(cfg)
+    for e in (1, 2):
+        done.append_metrics({"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.5,
+                             "val_loss": 0.9, "val_acc": 0.6})
+    done.write_summary({"val_acc": 0.6, "test_acc": 0.55, "train_time_s": 3.0})
+    done.set_status("done", finished=2.0)
+    failed = store.create(cfg)
+    failed.set_status("failed", error="RuntimeError: boom", finished=1.0)
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=60)
+    at.switch_page("pages/1_Train.py")
+    at.run()
+    assert not at.exception
+    body = "\n".join(m.value for m in at.markdown)
+    assert "linear · colours · vit_tiny_patch4_32_vpeft · 2 epochs · seed 0" in body
+    assert "done" in body and "test 55.0%" in body
+    assert len(at.get("plotly_chart")) == 1  # the done run's curves (the failed run has none)
+    (link,) = [p for p in at.get("page_link") if p.proto.page == "Compare"]
+    assert link.proto.query_string == "task=colours"
+    at.button(key=f"dismiss-{failed.id}").click().run()
+    assert "RuntimeError: boom" not in _errors(at)
+    assert failed.status()["status"] == "failed"  # hidden, not changed
+    assert not at.exception
+
+
+def test_first_epoch_shows_a_per_step_loss_curve(store, spawned, task):
+    cfg = make_run_config(method="linear", data=str(task), pretrained=False,
+                          train={"epochs": 2, "warmup_epochs": 0.0})
+    running = store.create(cfg)
+    running.set_status("running", pid=os.getpid())
+    running.update_progress(phase="train", step=3, steps=10, epochs=2, loss=0.75,
+                            loss_curve=[[1, 1.2], [2, 0.9], [3, 0.75]])
+    at = _page()
+    (chart,) = at.get("plotly_chart")
+    fig = json.loads(chart.proto.spec)
+    assert fig["data"][0]["y"] == [1.2, 0.9, 0.75]

@@ -54,7 +54,8 @@ def test_home_empty(empty: Path) -> None:
     assert "cache-runs" in body
     assert "vit_tiny_patch4_32_vpeft" in body
     assert "GPU" in body
-    links = [link.proto.page for link in at.get("page_link")]
+    links = [link.proto.page for link in at.get("page_link")
+             if not link.proto.label.startswith("Start here")]
     assert {"Compare", "Methods"} <= set(links)
     assert len(links) == len(list((Path(APP).parent / "pages").glob("[!_]*.py")))
 
@@ -81,6 +82,12 @@ def test_compare_with_runs(synthetic: Path) -> None:
     assert len(table) == 9  # 4 methods × 2 tasks (cached) + ssf (user)
     lora = table[(table["Task"] == "digits") & (table["Method"] == "lora")].iloc[0]
     assert lora["Seeds"] == 3 and lora["Test acc"] == pytest.approx(80.0)
+    # readable on a projector: method and accuracy first, "–" (not None) where a value is
+    # missing (one seed: no spread), no column equal on every row
+    assert list(table.columns[:2]) == ["Method", "Test acc"]
+    assert table.loc[table["Method"] == "ssf", "Test ±"].tolist() == ["–"]
+    assert not table.isna().any().any() and "None" not in table.astype(str).to_string()
+    assert "Backbone" not in table.columns and "Backbone" in texts(at)  # said once, above
     means = at.dataframe[1].value
     assert set(means["plain mean is"]) == {"plain mean over 2 tasks", "plain mean over 1 task"}
     assert "differe" in texts(at)  # task sets differ: ssf was run on one task only
@@ -99,11 +106,11 @@ def test_compare_filters_and_detail_widgets(synthetic: Path) -> None:
     assert not at.exception
     assert "No run matches" in at.warning[0].value
     at.multiselect(key="compare-filter-source").set_value(["cached", "user"]).run()
-    at.selectbox(key="detail-task").set_value("count")
-    at.radio(key="detail-acc").set_value("val_acc")
+    at.selectbox(key="task").set_value("count")
+    at.radio(key="acc").set_value("val_acc")
     at.selectbox(key="detail-metric").set_value("train_loss").run()
     assert not at.exception
-    assert at.selectbox(key="detail-task").value == "count"
+    assert at.selectbox(key="task").value == "count"
 
 
 def test_methods_hub_lists_every_method(empty: Path) -> None:
@@ -133,3 +140,23 @@ def test_methods_guided_tour_walks_to_the_end(synthetic: Path) -> None:
     at.button(key="tour-back").click().run()
     assert at.subheader[0].value == "Seeds matter"
     assert at.dataframe  # the per-seed table
+
+
+def test_home_starts_here_with_a_link_to_the_tour_step(empty: Path) -> None:
+    at = page()
+    (start,) = [link.proto for link in at.get("page_link")
+                if link.proto.label.startswith("Start here")]
+    assert start.page == "Methods" and start.query_string == "tab=Guided+tour&step=1"
+
+
+def test_tour_step_comes_from_the_url(synthetic: Path) -> None:
+    first = page("3_Methods.py").subheader[0].value
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.switch_page("pages/3_Methods.py")
+    at.query_params["step"] = "3"
+    at.run()
+    assert not at.exception
+    assert at.subheader[0].value != first
+    assert "Step 3 of" in at.get("progress")[0].proto.text
+    at.button(key="tour-next").click().run()
+    assert at.query_params["step"] == "4"

@@ -13,6 +13,10 @@ timm's fused attention off).
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 import timm
@@ -32,8 +36,87 @@ EMBEDDED_MEAN = (0.5, 0.5, 0.5)
 EMBEDDED_STD = (0.25, 0.25, 0.25)
 
 
+# timm modules whose models are ``VisionTransformer``s (plain, hybrid-embedding, DeiT).
+VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit")
+HUB_HOST = ("huggingface.co", 443)
+
+
 class BackboneError(RuntimeError):
     """A backbone cannot be created or its weights cannot be loaded."""
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions), for name suggestions."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+@functools.cache
+def vit_names() -> tuple[str, ...]:
+    """Every timm model name this lab can fine-tune: timm's ViTs and the embedded default."""
+    names = {n for n in timm.list_models() if timm.models.is_model_in_modules(n, VIT_MODULES)}
+    return tuple(sorted(names | {EMBEDDED_BACKBONE}))
+
+
+def close_names(name: str, names: Iterable[str], n: int = 3) -> list[str]:
+    """The ``n`` names nearest to a typo by edit distance (``vit_base_patch16_244`` →
+    ``vit_base_patch16_224``), only those a few edits away."""
+    limit = max(2, len(name) // 4)
+    scored = sorted((edit_distance(name, c), c) for c in names if abs(len(c) - len(name)) <= limit)
+    return [c for d, c in scored[:n] if d <= limit]
+
+
+def check_backbone_name(name: str) -> None:
+    """Refuse, before any run exists, a name timm does not know or a model that is no ViT."""
+    if name in vit_names():
+        return
+    if timm.models.is_model(name):
+        raise BackboneError(f"{name!r} is a timm model but not a VisionTransformer: only timm "
+                            "ViTs are supported (vit_*, deit_*), e.g. vit_small_patch16_224")
+    close = close_names(name, vit_names())
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise BackboneError(f"unknown timm model {name!r}{hint}")
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Refuse an unreadable weights file before any run exists (the whole file is read)."""
+    read_state_dict(path)
+
+
+def hub_weights_cached(name: str) -> bool:
+    """Whether the hub weights of ``name`` are already on this machine (no download needed)."""
+    if name == EMBEDDED_BACKBONE:
+        return EMBEDDED_WEIGHTS.is_file()
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # no pretrained config: nothing to fetch, nothing cached
+        return False
+    if cfg is None:
+        return False
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        return any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str)
+                   for f in ("model.safetensors", "pytorch_model.bin"))
+    if cfg.url:
+        return (Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name).is_file()
+    return False
+
+
+def hub_reachable(timeout_s: float = 1.5) -> bool:
+    """Whether the weights hub can be reached now (False when ``HF_HUB_OFFLINE`` is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 @register_model
@@ -57,10 +140,7 @@ def create_backbone(name: str | None = None, *, num_classes: int = 0, pretrained
     ``checkpoint`` loads a local file instead and never touches the network.
     """
     name = name or EMBEDDED_BACKBONE
-    if name not in timm.list_models() and name != EMBEDDED_BACKBONE:
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-        hint = f"; similar: {', '.join(close)}" if close else ""
-        raise BackboneError(f"unknown timm model {name!r}{hint}")
+    check_backbone_name(name)
     use_hub = pretrained and checkpoint is None
     if name == EMBEDDED_BACKBONE and use_hub and not EMBEDDED_WEIGHTS.exists():
         raise BackboneError(f"embedded weights missing at {EMBEDDED_WEIGHTS}; regenerate them "

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,10 +86,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_PROC_SELF = Path("/proc/self")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring a run's peak memory now, so it is this run's own and not the high-water
+    mark of a process that ran other runs (or a dashboard) before: resets the CUDA allocator's
+    peak on GPU and, on Linux, the process's peak resident set size (``clear_refs``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        (_PROC_SELF / "clear_refs").write_text("5")  # 5: reset VmHWM to the current RSS
+    except OSError:  # not Linux, or not allowed: peak_memory_bytes falls back to ru_maxrss
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak CUDA allocator memory on GPU; peak resident set size of the process on CPU."""
+    """Peak CUDA allocator memory on GPU; on CPU the process's peak resident set size since
+    :func:`reset_peak_memory` (Linux ``VmHWM``), or over the process's life elsewhere."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in (_PROC_SELF / "status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 

@@ -22,7 +22,7 @@ import io
 import json
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,26 +105,50 @@ def _setting(cfg: Mapping[str, Any], device: str) -> dict[str, Any]:
 
 
 def _short(key: str, keys: Iterable[str]) -> str:
+    if key == "backbone.name":
+        return "backbone"
     last = key.rsplit(".", 1)[-1]
     clash = sum(k.rsplit(".", 1)[-1] == last for k in keys) > 1
     return key if clash else last
 
 
-def _setting_labels(settings: Mapping[str, dict[str, Any]],
-                    method_of: Mapping[str, tuple[str, str]]) -> dict[str, str]:
-    """A short label per setting: the entries that differ between settings of the same
-    (backbone, method); empty when a method was run in one setting only."""
-    by_method: dict[tuple[str, str], list[str]] = {}
-    for key in settings:
-        by_method.setdefault(method_of[key], []).append(key)
+def setting_labels(setting_keys: Iterable[str]) -> dict[str, str]:
+    """A short label per setting (``setting_key`` JSON → ``"epochs=3, rank=4"``).
+
+    A run's label names the settings that differ across *all* the settings given (every
+    store loaded together, so a 3-epoch LoRA of yours and the shipped 10-epoch LoRA are
+    told apart): a shared entry (epochs, lr, backbone, device...) as soon as it differs
+    anywhere, a method's own entries (``method_config.*``) when they differ between settings
+    of that method. Empty when nothing differs.
+    """
+    settings = {k: json.loads(k) for k in dict.fromkeys(setting_keys)}
+    by_method: dict[Any, list[str]] = {}
+    for key, setting in settings.items():
+        by_method.setdefault(setting.get("method"), []).append(key)
+
+    def varying(keys: list[str], own: bool) -> list[str]:
+        names = {n for key in keys for n in settings[key]
+                 if n != "method" and n.startswith("method_config.") == own}
+        return sorted(n for n in names
+                      if len({json.dumps(settings[key].get(n)) for key in keys}) > 1)
+
+    shared = varying(list(settings), own=False)
     labels = {}
     for keys in by_method.values():
-        varying = sorted({k for key in keys for k in settings[key]
-                          if len({json.dumps(settings[o].get(k)) for o in keys}) > 1})
+        entries = [*shared, *varying(keys, own=True)]
         for key in keys:
-            labels[key] = ", ".join(f"{_short(k, varying)}={settings[key].get(k)}"
-                                    for k in varying)
+            labels[key] = ", ".join(f"{_short(n, entries)}={settings[key].get(n)}"
+                                    for n in entries)
     return labels
+
+
+def label_settings(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with its ``setting`` column relabelled over all its rows (see
+    :func:`setting_labels`): call it on tables of several stores after joining them."""
+    if len(runs):
+        runs = runs.copy()
+        runs["setting"] = runs["setting_key"].map(setting_labels(runs["setting_key"]))
+    return runs
 
 
 def load_runs(stores: Mapping[str, RunStore],
@@ -135,7 +159,7 @@ def load_runs(stores: Mapping[str, RunStore],
     running, failed and cancelled runs are left out (they have no test accuracy).
     """
     groups = known_task_groups() if embedded_groups is None else embedded_groups
-    rows, skipped, settings, method_of = [], [], {}, {}
+    rows, skipped = [], []
     for source, store in stores.items():
         for run in store.list():
             try:
@@ -152,7 +176,6 @@ def load_runs(stores: Mapping[str, RunStore],
             backbone = cfg.get("backbone", {}).get("name", summary.get("backbone", "?"))
             setting = _setting(cfg, str(summary.get("device", "cpu")))
             key = json.dumps(setting, sort_keys=True, default=str)
-            settings[key], method_of[key] = setting, (backbone, cfg.get("method", "?"))
             task = data.get("name", summary.get("task", "?"))
             row = {"source": source, "run_id": run.id, "path": str(run.path),
                    "task": task, "task_group": task_group(data.get("spec", ""), task, groups),
@@ -165,9 +188,7 @@ def load_runs(stores: Mapping[str, RunStore],
             rows.append(row)
     df = pd.DataFrame(rows, columns=_RUN_COLUMNS)
     if len(df):
-        labels = _setting_labels(settings, method_of)
-        df["setting"] = df["setting_key"].map(labels)
-        df = _with_costs(df)
+        df = _with_costs(label_settings(df))
         df = df.sort_values(["task", "backbone", "method", "setting", "seed"], kind="stable")
     return RunTable(df.reset_index(drop=True), skipped)
 
@@ -221,13 +242,20 @@ class SeedEval:
     n_runs: int
 
 
-def seed_eval(paths: Iterable[str | Path]) -> SeedEval | None:
-    """Combine the ``eval.json`` of runs that differ only by seed (None when none has one)."""
+def seed_eval(paths: Iterable[str | Path],
+              class_names: Sequence[str] | None = None) -> SeedEval | None:
+    """Combine the ``eval.json`` of runs that differ only by seed (None when none has one).
+
+    Class names come from the runs; ``class_names`` (e.g. the embedded task's) stands in for
+    runs recorded without them, when the class count matches; class ids are the last resort.
+    """
     evals = [e for e in (load_eval(p) for p in paths) if e and e.get("test_confusion")]
     if not evals:
         return None
-    names = [str(c) for c in evals[0].get("class_names") or
-             range(len(evals[0]["test_confusion"]))]
+    n = len(evals[0]["test_confusion"])
+    stored = evals[0].get("class_names")
+    fallback = class_names if class_names is not None and len(class_names) == n else None
+    names = [str(c) for c in (stored or fallback or range(n))]
     evals = [e for e in evals if len(e["test_confusion"]) == len(names)]
     per_class = np.array([e["test_per_class_acc"] for e in evals], dtype=float)
     with warnings.catch_warnings():  # a class absent from the test split is NaN in every run

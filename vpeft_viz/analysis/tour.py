@@ -42,6 +42,15 @@ def pick_tour_task(agg: pd.DataFrame, methods: Iterable[str] = TOUR_METHODS) -> 
     return best
 
 
+def tour_step_index(step: str | None, n_steps: int) -> int:
+    """The 0-based step a URL's 1-based ``?step=`` names, clamped; the first when unreadable."""
+    try:
+        i = int(step) - 1 if step is not None else 0
+    except ValueError:
+        return 0
+    return min(max(i, 0), max(n_steps - 1, 0))
+
+
 def _tour_rows(agg: pd.DataFrame, task: str, methods: list[str]) -> pd.DataFrame:
     on = agg[(agg["task"] == task) & agg["method"].isin(methods)]
     # One setting per method: the one with most seeds (the first listed on a tie).

@@ -28,7 +28,15 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..backbones import EMBEDDED_BACKBONE, create_backbone, image_size, input_stats
+from ..backbones import (
+    EMBEDDED_BACKBONE,
+    BackboneError,
+    check_backbone_name,
+    create_backbone,
+    hub_weights_cached,
+    image_size,
+    input_stats,
+)
 from ..config import ConfigError
 from ..data import check_data_spec, check_task_files, resolve_data
 from ..data.dataset import NORMALIZATIONS, ImageDataset, make_loader, resolve_normalization
@@ -42,6 +50,7 @@ from ..train import (
     fit,
     flops_per_image,
     peak_memory_bytes,
+    reset_peak_memory,
     resolve_device,
     seed_everything,
 )
@@ -68,6 +77,10 @@ def make_run_config(*, method: str, data: str, backbone: str | None = None,
         raise ConfigError(f"data.normalization must be one of {', '.join(NORMALIZATIONS)}; "
                           f"got {normalization!r}")
     check_data_spec(data)
+    try:  # a typo or a non-ViT fails here, before a run directory exists
+        check_backbone_name(backbone or EMBEDDED_BACKBONE)
+    except BackboneError as e:
+        raise ConfigError(f"backbone: {e}") from None
     # Every image of every split is decoded now, before a run directory exists, so a broken
     # file is named with its split file and line instead of failing the run after training.
     warnings = check_task_files(data, seed=t.seed)
@@ -86,11 +99,16 @@ def make_run_config(*, method: str, data: str, backbone: str | None = None,
     }
 
 
+MAX_LOSS_POINTS = 240  # per-step losses kept in status.json (the last ones, ~2 min at 2/s)
+
+
 class RunRecorder(Callback):
-    """Mirrors training progress into the run directory (throttled) and relays cancels."""
+    """Mirrors training progress into the run directory (throttled) and relays cancels;
+    the progress keeps the last per-step losses, drawn while epoch 1 has no point yet."""
 
     def __init__(self, run: Run, every_s: float = 0.5):
         self.run, self.every_s, self._last = run, every_s, 0.0
+        self._losses: list[list[float]] = []  # [step, loss] at each progress update
         self._start = time.perf_counter()
         self.round: dict[str, Any] | None = None  # set by start_round (multi-round methods)
         self.epochs_before = 0
@@ -105,8 +123,9 @@ class RunRecorder(Callback):
             self._last = now
             elapsed = now - self._start
             eta = elapsed / step * (total_steps - step) if step else None
+            self._losses = [*self._losses[-(MAX_LOSS_POINTS - 1):], [step, loss]]
             self.run.update_progress(step=step, steps=total_steps, loss=loss,
-                                     elapsed_s=elapsed, eta_s=eta)
+                                     elapsed_s=elapsed, eta_s=eta, loss_curve=self._losses)
 
     def start_round(self, index: int, rounds: int, label: str, epochs_before: int) -> None:
         """A method training in several rounds: rows get the round and a run-wide epoch."""
@@ -189,6 +208,20 @@ def build_loaders(task, model, cfg: dict, train_cfg: TrainConfig,
     return loaders
 
 
+def class_names(task) -> list[str]:
+    """What to call each class in ``eval.json``: the folder's names, the embedded task's
+    (generated tasks are read back as plain VTAB folders, without them), or the class ids."""
+    if task.class_names:
+        return [str(c) for c in task.class_names]
+    if task.format == "embedded":
+        from ..data.embedded import get_task
+
+        names = [str(c) for c in get_task(task.name).class_names]
+        if len(names) == task.num_classes:
+            return names
+    return [str(i) for i in range(task.num_classes)]
+
+
 def execute_run(run: Run, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Run the training a run directory describes; returns the summary.
 
@@ -226,8 +259,7 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
     train_cfg = TrainConfig.from_dict(cfg["train"])
     method = create_method(cfg["method"], cfg["method_config"])
     device = resolve_device(train_cfg.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)  # the run's own peak, not its process's earlier high-water
     seed_everything(train_cfg.seed)
 
     run.update_progress(phase="data")
@@ -235,6 +267,8 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
     task = resolve_data(cfg["data"]["spec"], seed=train_cfg.seed)
     stop_if_cancelled(run)
     bb = cfg["backbone"]
+    if bb["pretrained"] and not bb["checkpoint"] and not hub_weights_cached(bb["name"]):
+        run.update_progress(phase="weights")  # timm downloads them in create_backbone
     model = create_backbone(bb["name"], num_classes=task.num_classes,
                             pretrained=bb["pretrained"], checkpoint=bb["checkpoint"])
     backbone_params = sum(p.numel() for n, p in model.named_parameters()
@@ -311,7 +345,7 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
         "flops_per_image": flops_per_image(model, sample),
     })
     run.save_artifact("eval.json", {
-        "class_names": task.class_names,
+        "class_names": class_names(task),
         "test_confusion": test.confusion, "test_per_class_acc": test.per_class_acc,
     })
     arts = method.artifacts(model)

@@ -12,14 +12,20 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pandas as pd
 import streamlit as st
+from streamlit.errors import StreamlitPageNotFoundError
 
 from ..analysis.compare import PROTOCOL_NOTE
+from ..analysis.cost import human_bytes, human_count
 from ..runs import REPO_ROOT
 
 PAGES_DIR = REPO_ROOT / "pages"
+# The page icon, a file shipped with the package (a Material icon as favicon is fetched from
+# the network by the browser).
+APP_ICON = str(Path(__file__).parent / "assets" / "icon.png")
 
 
 # -- pages --------------------------------------------------------------------------------
@@ -50,6 +56,22 @@ def page_title(path: Path) -> str:
 def page_path(file_name: str) -> str | None:
     """The path ``st.page_link`` wants for ``pages/<file_name>``, or None if not built yet."""
     return f"pages/{file_name}" if (PAGES_DIR / file_name).is_file() else None
+
+
+def link_to_page(file_name: str, label: str, *, icon: str | None = None,
+                 query_params: dict[str, str] | None = None) -> None:
+    """A link to ``pages/<file_name>`` (nothing if that page is not built), with the view it
+    should open in its query parameters. A page script run on its own, outside the app's
+    navigation (``AppTest.from_file("pages/1_Train.py")``), knows no other page: there the
+    link is a plain markdown link to the same URL."""
+    path = page_path(file_name)
+    if path is None:
+        return
+    try:
+        st.page_link(path, label=label, icon=icon, query_params=query_params)
+    except StreamlitPageNotFoundError:
+        query = f"?{urlencode(query_params)}" if query_params else ""
+        st.markdown(f"[{label}]({page_title(Path(file_name))}{query})")
 
 
 def protocol_note() -> None:
@@ -142,56 +164,117 @@ def method_catalogue(num_classes: int = 10) -> list[dict[str, Any]]:
 
 
 # -- comparison tables --------------------------------------------------------------------
-def comparison_table(agg: pd.DataFrame) -> None:
-    """The per-task comparison (one row per task × method × setting), sortable, in %."""
+def _share(v: float) -> str:
+    return f"{v:.1f} %" if v >= 1 else f"{v:.2g} %"
+
+
+# Display formats of the comparison table's columns (None → shown as is); missing: "–".
+_TABLE_FORMATS: dict[str, Any] = {
+    "Test acc": "{:.1f}", "Test ±": "{:.1f}", "Val acc": "{:.1f}", "Val ±": "{:.1f}",
+    "Trainable": human_count, "Excl. head": human_count, "% of backbone": _share,
+    "Bytes per task": human_bytes, "Train time": "{:.1f} s", "Images/s": "{:.0f}",
+    "Peak memory": human_bytes, "FLOPs/image": human_count, "PPT": "{:.1f}",
+}
+TABLE_HELP = {
+    "Test acc": "Test accuracy (%) at the epoch chosen on validation, mean over seeds",
+    "Test ±": "Sample standard deviation over seeds", "Val ±": "Sample standard deviation "
+    "over seeds", "Val acc": "Best validation accuracy (%), mean over seeds",
+    "Trainable": "Trainable parameters, classifier head included",
+    "Excl. head": "Trainable parameters of the method alone",
+    "% of backbone": "Trainable parameters without the head, as a share of the backbone's",
+    "Bytes per task": "Size of the weights file a task must keep (trainable tensors only)",
+    "Train time": "Training wall time, mean over seeds",
+    "Images/s": "Training throughput, mean over seeds",
+    "Peak memory": "The run's own peak: CUDA allocator peak on GPU, peak resident memory of "
+                   "the run's process during the run on CPU",
+    "FLOPs/image": "Inference FLOPs per image",
+    "PPT": "V-PETL Bench's performance-parameter trade-off: test acc × exp(−log10(P/10⁷ + "
+           "1)), P = trainable parameters",
+}
+
+
+def comparison_frame(agg: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The per-task comparison as shown: Method, setting and accuracy first, then the rest;
+    columns equal on every row are taken out and returned as ``{column: value}`` (said once
+    above the table instead of repeated on each row)."""
     t = pd.DataFrame({
-        "Task": agg["task"], "Group": agg["task_group"], "Method": agg["method"],
-        "Setting": agg["setting"], "Backbone": agg["backbone"], "Seeds": agg["n_seeds"],
-        "Val acc": 100 * agg["val_acc"], "Val ±": 100 * agg["val_acc_std"],
+        "Method": agg["method"], "Setting": agg["setting"],
         "Test acc": 100 * agg["test_acc"], "Test ±": 100 * agg["test_acc_std"],
-        "Trainable": agg["trainable_params"],
-        "Excl. head": agg["trainable_params_excl_head"],
+        "Val acc": 100 * agg["val_acc"], "Val ±": 100 * agg["val_acc_std"],
+        "Task": agg["task"], "Group": agg["task_group"], "Backbone": agg["backbone"],
+        "Seeds": agg["n_seeds"],
+        "Trainable": agg["trainable_params"], "Excl. head": agg["trainable_params_excl_head"],
         "% of backbone": agg["pct_backbone"], "Bytes per task": agg["weight_bytes"],
         "Train time": agg["train_time_s"], "Images/s": agg["images_per_s"],
         "Peak memory": agg["peak_memory_bytes"], "FLOPs/image": agg["flops_per_image"],
         "PPT": 100 * agg["ppt"],
-    })
-    num = st.column_config.NumberColumn
-    st.dataframe(t, hide_index=True, width="stretch", column_config={
-        "Val acc": num(format="%.2f", help="Best validation accuracy (%), mean over seeds"),
-        "Val ±": num(format="%.2f", help="Sample standard deviation over seeds"),
-        "Test acc": num(format="%.2f", help="Test accuracy (%) at the epoch chosen on "
-                        "validation, mean over seeds"),
-        "Test ±": num(format="%.2f", help="Sample standard deviation over seeds"),
-        "Trainable": num(format="compact", help="Trainable parameters, classifier head "
-                         "included"),
-        "Excl. head": num(format="compact", help="Trainable parameters of the method alone"),
-        "% of backbone": num(format="%.3f%%", help="Trainable parameters without the head, "
-                             "as a share of the backbone's parameters"),
-        "Bytes per task": num(format="bytes", help="Size of the weights file a task must "
-                              "keep (trainable tensors only)"),
-        "Train time": num(format="%.1f s", help="Training wall time, mean over seeds"),
-        "Images/s": num(format="%.0f", help="Training throughput, mean over seeds"),
-        "Peak memory": num(format="bytes", help="Peak GPU memory on CUDA, peak resident "
-                           "memory of the process on CPU"),
-        "FLOPs/image": num(format="compact", help="Inference FLOPs per image"),
-        "PPT": num(format="%.2f", help="V-PETL Bench's performance-parameter trade-off: "
-                   "test acc × exp(−log10(P/10⁷ + 1)), P = trainable parameters"),
-    })
+    }).reset_index(drop=True)
+    t["Setting"] = t["Setting"].map(lambda v: v if isinstance(v, str) and v else None)
+    constant: dict[str, str] = {}
+    if len(t) > 1:
+        for col in list(t.columns):
+            if col in ("Method", "Test acc") or t[col].astype(str).nunique(dropna=False) > 1:
+                continue
+            value = t[col].iloc[0]
+            if not pd.isna(value):
+                constant[col] = _display(col, value)
+            t = t.drop(columns=col)
+    return t, constant
+
+
+def _display(col: str, value: Any) -> str:
+    fmt = _TABLE_FORMATS.get(col)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if fmt is None:
+        return str(value)
+    return fmt(value) if callable(fmt) else fmt.format(value)
+
+
+def _dashes(t: pd.DataFrame) -> pd.DataFrame:
+    """Columns with a missing value become text with "–" there (the table widget shows
+    "None" for a missing number, whatever the style says); full columns stay numbers, so
+    they still sort as numbers."""
+    t = t.copy()
+    for col in t.columns:
+        if t[col].isna().any():
+            t[col] = [_display(col, v) for v in t[col]]
+    return t
+
+
+def comparison_table(agg: pd.DataFrame) -> None:
+    """The per-task comparison (one row per task × method × setting), sortable; numbers
+    rounded for a projector (accuracies one decimal, bytes in KB/MB/GB), "–" where a value
+    is missing, and the columns that are equal on every row said once above the table."""
+    t, constant = comparison_frame(agg)
+    if constant:
+        st.caption("Same for every row: " + " · ".join(f"**{k}** {v}"
+                                                      for k, v in constant.items()))
+    t = _dashes(t)
+    formats = {c: (lambda v, c=c: _display(c, v)) for c in t.columns if t[c].dtype.kind in "fi"}
+    st.dataframe(t.style.format(formats), hide_index=True, width="stretch",
+                 column_config={c: st.column_config.Column(help=h)
+                                for c, h in TABLE_HELP.items() if c in t.columns})
 
 
 def means_table(means: pd.DataFrame, metric_label: str = "Test acc") -> None:
     """Averages over tasks, each labelled with the kind of mean it is."""
     t = pd.DataFrame({
-        "Method": means["method"], "Setting": means["setting"], "Backbone": means["backbone"],
-        "Tasks": means["n_tasks"], f"{metric_label}, plain mean": 100 * means["plain_mean"],
-        "plain mean is": means["plain_label"],
+        "Method": means["method"], "Setting": means["setting"],
+        f"{metric_label}, plain mean": 100 * means["plain_mean"],
         f"{metric_label}, group mean": 100 * means["group_mean"],
+        "Tasks": means["n_tasks"], "plain mean is": means["plain_label"],
         "group mean is": means["group_label"].replace("", "not available"),
-        "Task set": means["tasks"],
+        "Backbone": means["backbone"], "Task set": means["tasks"],
     })
-    num = st.column_config.NumberColumn
-    st.dataframe(t, hide_index=True, width="stretch", column_config={
-        f"{metric_label}, plain mean": num(format="%.2f"),
-        f"{metric_label}, group mean": num(format="%.2f"),
-    })
+    t["Setting"] = t["Setting"].map(lambda v: v if isinstance(v, str) and v else None)
+    if t["Setting"].isna().all():
+        t = t.drop(columns="Setting")
+    pct = {f"{metric_label}, plain mean": "{:.1f}", f"{metric_label}, group mean": "{:.1f}"}
+    t = t.copy()
+    for col in t.columns:
+        if t[col].isna().any():
+            fmt = pct.get(col)
+            t[col] = ["–" if pd.isna(v) else (fmt.format(v) if fmt else str(v)) for v in t[col]]
+    st.dataframe(t.style.format({c: f for c, f in pct.items() if t[c].dtype.kind == "f"}),
+                 hide_index=True, width="stretch")

@@ -2,9 +2,13 @@
 
 A method's (or the training recipe's) form is generated from its :class:`~vpeft_viz.config.Config`
 dataclass: each :class:`~vpeft_viz.config.FieldSpec` becomes one widget (choices → select box,
-bool → checkbox, int/float → number box bounded by the field's range, optional → text box
-where empty means "default"), and the values go back through the dataclass, so a bad value
-gets the same error, naming the field and its allowed range, as on the command line.
+bool → checkbox, int/float → number box, optional → text box where empty means "default"),
+and the values go back through the dataclass, so a bad value gets the same error, naming the
+field and its allowed range, as on the command line. Number boxes are deliberately left
+unbounded: a bounded box refuses an out-of-range entry in the browser (it turns red) and keeps
+sending the old value, so the page would queue a value the user no longer sees; unbounded,
+the value reaches the check and blocks the launch. Every widget is bound to the URL's query
+parameters (``bind="query-params"``), so a reload keeps the form and a link shares it.
 Pickers return what :func:`vpeft_viz.runs.execute.make_run_config` takes, plus an error
 message when the choice cannot be used as it stands.
 """
@@ -18,13 +22,21 @@ from typing import Any
 
 import streamlit as st
 
-from ..backbones import EMBEDDED_BACKBONE
+from ..backbones import (
+    EMBEDDED_BACKBONE,
+    BackboneError,
+    check_backbone_name,
+    check_checkpoint,
+    hub_reachable,
+    hub_weights_cached,
+)
 from ..config import Config, ConfigError, FieldSpec, parse_value
 from ..data import EMBEDDED_PREFIX, DataError
 from ..data.dataset import NORMALIZATIONS
-from .common import embedded_info
+from .common import embedded_info, hardware
 
 MAX_SEEDS = 16
+BIND = "query-params"  # every form widget lives in the URL: a reload keeps the form
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 FORMAT_LABELS = {"vtab": "VTAB-1k task folder", "fgvc": "FGVC folder (VPT JSON splits)",
                  "imagefolder": "ImageFolder (split here by seed: 70/10/20 per class)"}
@@ -67,28 +79,28 @@ def _field_help(spec: FieldSpec) -> str:
 
 
 def field_widget(config_cls: type[Config], spec: FieldSpec, key: str) -> Any:
-    """One widget for one field; returns its value (already parsed for text boxes)."""
+    """One widget for one field; returns its value (already parsed for text boxes).
+
+    Number boxes are not bounded here (see the module docstring): the range is checked by
+    the config class, whose error blocks the launch.
+    """
     label, helptext = spec.name, _field_help(spec)
     if spec.choices is not None:
         options = list(spec.choices)
         return st.selectbox(label, options, index=options.index(spec.default), help=helptext,
-                            key=key)
+                            key=key, bind=BIND)
     if spec.type is bool:
-        return st.checkbox(label, value=bool(spec.default), help=helptext, key=key)
+        return st.checkbox(label, value=bool(spec.default), help=helptext, key=key, bind=BIND)
     if config_cls._optional_field(spec.name) or spec.type is str:
         raw = st.text_input(label, value="" if spec.default is None else str(spec.default),
-                            placeholder="empty: default", help=helptext, key=key)
+                            placeholder="empty: default", help=helptext, key=key, bind=BIND)
         where = f"{config_cls.prefix}.{spec.name}"
         return parse_value(where, spec.type, raw, config_cls._optional_field(spec.name))
     if spec.type is int:
-        lo = None if spec.min is None else int(math.ceil(spec.min))
-        hi = None if spec.max is None else int(math.floor(spec.max))
-        return st.number_input(label, min_value=lo, max_value=hi, value=int(spec.default),
-                               step=1, help=helptext, key=key)
-    lo = None if spec.min is None else float(spec.min)
-    hi = None if spec.max is None else float(spec.max)
-    return st.number_input(label, min_value=lo, max_value=hi, value=float(spec.default),
-                           step=_float_step(spec), format="%g", help=helptext, key=key)
+        return st.number_input(label, value=int(spec.default), step=1, help=helptext, key=key,
+                               bind=BIND)
+    return st.number_input(label, value=float(spec.default), step=_float_step(spec),
+                           format="%g", help=helptext, key=key, bind=BIND)
 
 
 def config_form(config_cls: type[Config], *, key: str, exclude: tuple[str, ...] = (),
@@ -167,34 +179,52 @@ def parse_seeds(text: str) -> list[int]:
 
 
 # -- backbone -------------------------------------------------------------------------------
-@st.cache_data(show_spinner=False)
-def _timm_model_names() -> list[str]:
-    import timm
-
-    return timm.list_models()
-
-
-def _check_timm_name(name: str) -> str | None:
+@st.cache_data(show_spinner=False, max_entries=256)
+def _name_error(name: str) -> str | None:
     if not name:
         return "backbone: enter a timm model name, e.g. vit_base_patch16_224"
-    names = _timm_model_names()
-    if name in names or name == EMBEDDED_BACKBONE:
-        return None
-    stem = name.split("_")[0]
-    close = [n for n in names if n.startswith(stem)][:5]
-    hint = f"; similar: {', '.join(close)}" if close else ""
-    return f"backbone: unknown timm model {name!r}{hint}"
+    try:
+        check_backbone_name(name)
+    except BackboneError as e:
+        return f"backbone: {e}"
+    return None
+
+
+@st.cache_data(show_spinner="Reading the checkpoint…", max_entries=16)
+def _checkpoint_error(path: str, mtime_ns: int, size: int) -> str | None:
+    """Read the whole file once per version of it (keyed by mtime and size)."""
+    try:
+        check_checkpoint(path)
+    except BackboneError as e:
+        return f"checkpoint: {e}"
+    return None
+
+
+@st.cache_data(ttl=60, show_spinner="Checking the weights hub…")
+def _hub_reachable() -> bool:
+    return hub_reachable()
+
+
+def check_device(device: str) -> str | None:
+    """``train.device=cuda`` on a machine without a GPU fails inside the run: refuse it here."""
+    if device == "cuda" and not hardware()["gpus"]:
+        return ("train.device is cuda but torch sees no GPU on this machine; choose auto or "
+                "cpu")
+    return None
 
 
 def backbone_picker(key: str = "backbone") -> Choice:
     """Embedded default, a timm ViT by name, or a local checkpoint file.
 
-    Values: ``backbone``, ``pretrained``, ``checkpoint`` (for ``make_run_config``).
+    Values: ``backbone``, ``pretrained``, ``checkpoint`` (for ``make_run_config``). What would
+    fail inside the run is refused here: a name that is no timm ViT (with the nearest names),
+    an unreadable checkpoint, hub weights that are not on this machine while the hub cannot
+    be reached. ``notes`` says when the weights will be downloaded.
     """
     kinds = {"embedded": "Embedded default", "timm": "timm ViT by name",
              "checkpoint": "Local checkpoint"}
     kind = st.radio("Backbone", list(kinds), format_func=kinds.get, horizontal=True,
-                    key=f"{key}.kind")
+                    key=f"{key}.kind", bind=BIND)
     out = Choice()
     if kind == "embedded":
         info = embedded_info()
@@ -209,40 +239,54 @@ def backbone_picker(key: str = "backbone") -> Choice:
             "Random initialisation (ignore the pretrained weights)",
             value=not info["weights_present"], disabled=not info["weights_present"],
             help="Trains from scratch: a baseline for what pretraining brings.",
-            key=f"{key}.random_init")
+            key=f"{key}.random_init", bind=BIND)
         out.values = {"backbone": EMBEDDED_BACKBONE, "pretrained": not random_init,
                       "checkpoint": None}
     elif kind == "timm":
         name = st.text_input("timm model name", value="vit_base_patch16_224",
                              help="Any timm VisionTransformer, e.g. vit_small_patch16_224.",
-                             key=f"{key}.name").strip()
+                             key=f"{key}.name", bind=BIND).strip()
         pretrained = st.checkbox(
             "Pretrained (needs network)", value=True,
             help="Downloads the weights through timm's hub; offline, use a local checkpoint.",
-            key=f"{key}.pretrained")
+            key=f"{key}.pretrained", bind=BIND)
         out.values = {"backbone": name, "pretrained": pretrained, "checkpoint": None}
-        if err := _check_timm_name(name):
+        if err := _name_error(name):
             out.errors.append(err)
+        elif pretrained and not hub_weights_cached(name):
+            if _hub_reachable():
+                st.info(f"The pretrained weights of `{name}` are not on this machine yet: the "
+                        "run downloads them first (shown as “downloading weights”).",
+                        icon=":material/download:")
+            else:
+                out.errors.append(
+                    f"backbone: the pretrained weights of {name!r} are not on this machine and "
+                    "the weights hub cannot be reached (offline); choose Local checkpoint, or "
+                    "untick Pretrained to train from random initialisation")
     else:
         name = st.text_input("Architecture (timm model name)", value=EMBEDDED_BACKBONE,
-                             key=f"{key}.arch").strip()
+                             key=f"{key}.arch", bind=BIND).strip()
         path = st.text_input(
             "Checkpoint file", placeholder="/path/to/weights.safetensors",
             help="Backbone weights for that architecture: safetensors, or a torch file "
                  "(read with weights_only=True). The classifier head is never taken from it.",
-            key=f"{key}.path").strip()
+            key=f"{key}.path", bind=BIND).strip()
         out.values = {"backbone": name, "pretrained": True, "checkpoint": path or None}
-        if err := _check_timm_name(name):
+        if err := _name_error(name):
             out.errors.append(err)
+        file = Path(path).expanduser()
         if not path:
             out.errors.append("checkpoint: enter the path of a weights file")
-        elif not Path(path).expanduser().is_file():
+        elif not file.is_file():
             out.errors.append(f"checkpoint: no file at {path}")
-        elif Path(path).suffix not in CHECKPOINT_SUFFIXES:
+        elif file.suffix not in CHECKPOINT_SUFFIXES:
             out.errors.append(f"checkpoint: {path} is not a weights file "
                               f"({', '.join(CHECKPOINT_SUFFIXES)})")
+        elif err := _checkpoint_error(str(file.resolve()), file.stat().st_mtime_ns,
+                                      file.stat().st_size):
+            out.errors.append(err)
         else:
-            out.values["checkpoint"] = str(Path(path).expanduser().resolve())
+            out.values["checkpoint"] = str(file.resolve())
     for e in out.errors:
         st.error(e, icon=":material/error:")
     return out
@@ -270,7 +314,7 @@ def data_picker(key: str = "data") -> Choice:
     """
     kinds = {"embedded": "Embedded task", "folder": "Task folder"}
     kind = st.radio("Data", list(kinds), format_func=kinds.get, horizontal=True,
-                    key=f"{key}.kind")
+                    key=f"{key}.kind", bind=BIND)
     out = Choice()
     if kind == "embedded":
         info = embedded_info()
@@ -279,7 +323,7 @@ def data_picker(key: str = "data") -> Choice:
             out.errors.append(f"the embedded task suite is not available ({info['error']})")
         else:
             name = st.selectbox(
-                "Task", list(tasks), key=f"{key}.task",
+                "Task", list(tasks), key=f"{key}.task", bind=BIND,
                 format_func=lambda n: f"{n} ({tasks[n]['group']}, "
                                       f"{tasks[n]['num_classes']} classes)")
             t = tasks[name]
@@ -294,7 +338,7 @@ def data_picker(key: str = "data") -> Choice:
             help="A VTAB-1k task folder (train800.txt, val200.txt, train800val200.txt, "
                  "test.txt), an FGVC folder (train/val/test.json) or an ImageFolder tree "
                  "(<class>/<image>). Read only, never written.",
-            key=f"{key}.path").strip()
+            key=f"{key}.path", bind=BIND).strip()
         if not path:
             out.errors.append("data: enter the path of a task folder")
         else:
@@ -311,7 +355,7 @@ def data_picker(key: str = "data") -> Choice:
                     st.caption(note)
                 out.values["data"] = report["root"]
     out.values["normalization"] = st.selectbox(
-        "Input normalisation", list(NORMALIZATIONS), key=f"{key}.normalization",
+        "Input normalisation", list(NORMALIZATIONS), key=f"{key}.normalization", bind=BIND,
         format_func=lambda n: f"{n}: {NORMALIZATION_HELP[n]}")
     for e in out.errors:
         st.error(e, icon=":material/error:")

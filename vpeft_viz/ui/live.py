@@ -4,6 +4,13 @@ Nothing here holds state: every refresh reads the run store (``status.json`` pro
 ``metrics.jsonl`` curves), so a reload, a second tab or a crashed run loses nothing. The
 panel is a fragment that refreshes itself every second while runs are queued or running,
 and slowly otherwise (to notice runs launched from another tab or the command line).
+
+A run is labelled with what tells it apart at a glance (method, task, backbone, epochs,
+seed). A finished run keeps its card, its curves and a link to the Compare page on its task;
+during the first epoch, before any per-epoch point exists, the card draws the per-step
+training loss the run records in its progress (``loss_curve``). Dismissing a failed run
+writes an empty ``dismissed`` file into its directory: the panel no longer lists it, and the
+run itself is left as it is.
 """
 
 from __future__ import annotations
@@ -13,16 +20,20 @@ from typing import Any
 
 import streamlit as st
 
-from ..plots.runs import curves_figure
+from ..plots.runs import curves_figure, step_loss_figure
 from ..runs import queue
-from ..runs.store import RunStore, RunStoreError
+from ..runs.store import Run, RunStore, RunStoreError, atomic_write_bytes
+from .common import link_to_page
+
+DISMISSED = "dismissed"  # marker file in a run directory: hidden from the live panel
 
 ACTIVE_EVERY_S = 1.0
 IDLE_EVERY_S = 10.0
 STATE_ICONS = {"queued": ":material/schedule:", "running": ":material/play_circle:",
                "done": ":material/check_circle:", "failed": ":material/error:",
                "cancelled": ":material/cancel:"}
-PHASES = {"data": "loading data", "prepare": "preparing the method (selection from data)",
+PHASES = {"data": "loading data", "weights": "downloading weights",
+          "prepare": "preparing the method (selection from data)",
           "test": "testing the selected weights"}
 
 
@@ -55,19 +66,36 @@ def _panel(store: RunStore, was_active: bool) -> None:
             left.markdown(f"{i}. {STATE_ICONS['queued']} {job.label} `{job.id}`")
             right.button("Cancel", key=f"cancel-{job.id}", on_click=queue.cancel,
                          args=(job.run,), help="Remove from the queue")
-    if state.recent:
+    recent = [job for job in state.recent if not (job.run.path / DISMISSED).exists()]
+    if recent:
         st.markdown("**Recent runs**")
-        for job in state.recent:
-            finished_row(job)
+        for i, job in enumerate(recent):
+            finished_row(job, newest=i == 0)
     if state.unreadable:
         with st.expander(f"{len(state.unreadable)} run(s) could not be read"):
             st.code("\n".join(f"{run_id}: {why}" for run_id, why in state.unreadable))
 
 
+def run_label(config: dict[str, Any]) -> str:
+    """'lora · digits · vit_tiny_patch4_32_vpeft · 10 epochs · seed 0': what tells runs apart."""
+    train = config.get("train", {})
+    epochs = train.get("epochs", "?")
+    return " · ".join([str(config.get("method", "?")), str(config.get("data", {}).get("name", "?")),
+                       str(config.get("backbone", {}).get("name", "?")),
+                       f"{epochs} epoch{'' if epochs == 1 else 's'}",
+                       f"seed {train.get('seed', '?')}"])
+
+
+def dismiss(run: Run) -> None:
+    """Hide a finished run from the panel (its directory is kept; see the module docstring)."""
+    atomic_write_bytes(run.path / DISMISSED, b"")
+
+
 def running_card(job: queue.Job) -> None:
     with st.container(border=True):
         left, right = st.columns([6, 1], vertical_alignment="center")
-        left.markdown(f"{STATE_ICONS['running']} **{job.label}** running · `{job.id}`")
+        left.markdown(f"{STATE_ICONS['running']} **{run_label(job.config)}** running · "
+                      f"`{job.id}`")
         cancelling = job.run.cancel_requested()
         right.button("Cancel", key=f"cancel-{job.id}", on_click=queue.cancel,
                      args=(job.run,), disabled=cancelling,
@@ -78,6 +106,9 @@ def running_card(job: queue.Job) -> None:
         metrics = _read(job.run.metrics, [])
         if metrics:
             st.plotly_chart(curves_figure(metrics), key=f"curves-{job.id}", width="stretch")
+        elif job.progress.get("loss_curve"):  # epoch 1: no per-epoch point yet
+            st.plotly_chart(step_loss_figure(job.progress["loss_curve"]),
+                            key=f"steps-{job.id}", width="stretch")
 
 
 def show_warnings(job: queue.Job) -> None:
@@ -86,25 +117,40 @@ def show_warnings(job: queue.Job) -> None:
         st.warning(warning, icon=":material/warning:")
 
 
-def finished_row(job: queue.Job) -> None:
+def finished_row(job: queue.Job, newest: bool = False) -> None:
+    """A finished run's card: result line, its curves (open for the newest run), a link to
+    the Compare page on its task; a failed run's error, traceback and a Dismiss button."""
     summary = _read(job.run.summary, None) or {}
     icon = STATE_ICONS.get(job.state, "")
-    line = f"{icon} **{job.label}** {job.state} · `{job.id}`"
-    if job.state == "done":
-        line += (f" · val {_pct(summary.get('val_acc'))} · test {_pct(summary.get('test_acc'))}"
-                 f" · {summary.get('train_time_s') or 0:.1f} s")
-        st.markdown(line)
-    elif job.state == "cancelled":
-        epochs = summary.get("epochs_done", len(_read(job.run.metrics, [])))
-        st.markdown(f"{line} after {epochs} epoch{'s' if epochs != 1 else ''}")
-    else:
-        st.markdown(line)
-        st.error(job.error or "failed without an error message", icon=":material/error:")
-        trace = job.run.path / "error.txt"
-        if trace.is_file():
-            with st.expander("Traceback"):
-                st.code(trace.read_text(errors="replace")[-8000:], language="text")
-    show_warnings(job)
+    line = f"{icon} **{run_label(job.config)}** {job.state} · `{job.id}`"
+    with st.container(border=True):
+        if job.state == "done":
+            line += (f" · val {_pct(summary.get('val_acc'))} · test "
+                     f"{_pct(summary.get('test_acc'))} · {summary.get('train_time_s') or 0:.1f} s")
+            st.markdown(line)
+        elif job.state == "cancelled":
+            epochs = summary.get("epochs_done", len(_read(job.run.metrics, [])))
+            st.markdown(f"{line} after {epochs} epoch{'s' if epochs != 1 else ''}")
+        else:
+            left, right = st.columns([6, 1], vertical_alignment="center")
+            left.markdown(line)
+            right.button("Dismiss", key=f"dismiss-{job.id}", on_click=dismiss, args=(job.run,),
+                         help="Hide this failed run here (its directory is kept)")
+            st.error(job.error or "failed without an error message", icon=":material/error:")
+            trace = job.run.path / "error.txt"
+            if trace.is_file():
+                with st.expander("Traceback"):
+                    st.code(trace.read_text(errors="replace")[-8000:], language="text")
+        metrics = _read(job.run.metrics, [])
+        if metrics:
+            with st.expander("Curves", expanded=newest):
+                st.plotly_chart(curves_figure(metrics), key=f"curves-{job.id}",
+                                width="stretch")
+        task = job.config.get("data", {}).get("name", "")
+        if job.state == "done":
+            link_to_page("2_Compare.py", f"Compare it with the other runs on {task}",
+                         icon=":material/compare_arrows:", query_params={"task": task})
+        show_warnings(job)
 
 
 def _read(reader, default):

@@ -17,6 +17,7 @@ from ..analysis.compare import (
     RunTable,
     SeedEval,
     known_task_groups,
+    label_settings,
     load_curves,
     load_runs,
     seed_eval,
@@ -73,7 +74,9 @@ def load_run_table(sources: tuple[str, ...] = ("cached", "user")) -> RunTable:
     tables = [loaders[s](str(roots[s]), _fingerprint(roots[s]), groups) for s in sources]
     frames = [t.runs for t in tables if not t.runs.empty]
     runs = pd.concat(frames, ignore_index=True) if frames else tables[0].runs.iloc[0:0]
-    return RunTable(runs, [s for t in tables for s in t.skipped])
+    # Settings are labelled over every store together: a run of yours that differs from a
+    # shipped one only by its epochs must not carry the same label.
+    return RunTable(label_settings(runs), [s for t in tables for s in t.skipped])
 
 
 def run_counts() -> dict[str, dict[str, int]]:
@@ -125,6 +128,8 @@ def _metrics_readable(path: str) -> bool:
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def group_eval(paths: tuple[str, ...]) -> SeedEval | None:
-    """Per-class accuracy and confusion of runs that differ only by seed."""
-    return seed_eval(paths)
+def group_eval(paths: tuple[str, ...],
+               class_names: tuple[str, ...] | None = None) -> SeedEval | None:
+    """Per-class accuracy and confusion of runs that differ only by seed (``class_names``
+    names the classes of runs recorded without them)."""
+    return seed_eval(paths, class_names)

@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from . import method_colour
+from . import group_styles
 
 KEPT, PRUNED = "#4c78a8", "#e4e4e4"
 
@@ -96,13 +96,14 @@ def params_vs_accuracy(points: pd.DataFrame, *, highlight: tuple[float, float] |
     """Mean test accuracy against trainable parameters (head excluded, log scale), one
     marker per method and setting; ``highlight`` marks the run being inspected."""
     methods = list(dict.fromkeys(points["method"]))
+    styles = group_styles((m, None) for m in methods)  # the Compare page's colour per method
     fig = go.Figure()
     for m in methods:
         sub = points[points["method"] == m]
         fig.add_trace(go.Scatter(
             x=sub["params"], y=sub["test_acc"], mode="markers", name=m,
             error_y=dict(type="data", array=sub["test_acc_std"].fillna(0), visible=True),
-            marker=dict(size=11, color=method_colour(m, methods)),
+            marker=dict(size=11, color=styles[m].colour),
             customdata=np.stack([sub["setting"].astype(str), sub["seeds"]], axis=-1),
             hovertemplate=(m + " · %{customdata[0]}<br>%{x:,.0f} parameters<br>test "
                            "%{y:.3f} (%{customdata[1]} seeds)<extra></extra>")))

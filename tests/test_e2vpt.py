@@ -234,7 +234,7 @@ class FakeFit:
     def __init__(self, model, accs):
         self.model, self.accs, self.calls, self.starts = model, list(accs), [], []
 
-    def __call__(self, *, epochs=None, round_index=0, rounds=1, label=""):
+    def __call__(self, *, round_index=0, rounds=1, label=""):
         from vpeft_viz.train import FitResult
 
         self.calls.append((round_index, rounds, label))

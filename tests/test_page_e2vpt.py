@@ -120,3 +120,16 @@ def test_live_progress_names_the_round():
                                 "steps": 10, "epochs": 2, "round_label": "rewind 1/2"})
     assert frac == 0.5 and line.startswith("round 2/3 (rewind 1/2) · epoch 2/2 · step 5/10")
     assert not progress_text({"phase": "train", "step": 5, "steps": 10})[1].startswith("round")
+
+
+def test_page_on_the_shipped_cached_runs(stores, monkeypatch):
+    """The real cached_runs/ store: one e2vpt run per cached task, each pruned and rewound,
+    rebuilt on the embedded backbone for the attention view."""
+    monkeypatch.setattr(run_stores, "CACHED_STORE", run_stores.REPO_ROOT / "cached_runs")
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    runs = at.selectbox(key="e2vpt-run").options
+    assert len(runs) >= 3 and all("shipped" in r for r in runs)
+    assert len(at.selectbox(key="e2vpt-round").options) == 3
+    assert len(at.get("plotly_chart")) >= 6 and not at.error
+    assert not any("No finished" in c.value for c in at.caption)  # VPT-deep and LoRA shipped

@@ -129,8 +129,8 @@ class PeftMethod:
     def train_rounds(self, model: nn.Module, fit_round: Callable[..., Any]) -> Any:
         """Train the attached model; returns the result of the round whose weights it keeps.
 
-        ``fit_round(*, epochs=None, round_index=0, rounds=1, label="")`` is one call of the
-        training engine on the run's data (its ``FitResult``: history, best validation
+        ``fit_round(*, round_index=0, rounds=1, label="")`` is one call of the training
+        engine on the run's data and recipe (its ``FitResult``: history, best validation
         accuracy, cancelled). Most methods train once; a method that trains in several
         rounds (E²VPT: mask training, then rewinds) overrides this, calls it once per round
         and leaves the weights it selected (on validation only) in ``model``.

@@ -291,18 +291,14 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
     recorder = RunRecorder(run)
     finished: list[Any] = []  # FitResult of every round so far
 
-    def fit_round(*, epochs: int | None = None, round_index: int = 0, rounds: int = 1,
-                  label: str = ""):
+    def fit_round(*, round_index: int = 0, rounds: int = 1, label: str = ""):
         """One call of the engine; a method may train in several rounds (see
         ``PeftMethod.train_rounds``), each recorded with its index in the metrics."""
-        cfg_round = train_cfg if epochs is None else TrainConfig.from_dict(
-            {**train_cfg.to_dict(), "epochs": epochs,
-             "warmup_epochs": min(train_cfg.warmup_epochs, epochs)})
         if rounds > 1:
             recorder.start_round(round_index, rounds, label,
                                  sum(len(r.history) for r in finished))
         res = fit(model, method, loaders["train"], loaders["val"], task.num_classes,
-                  cfg_round, callbacks=[recorder, *callbacks], device=device)
+                  train_cfg, callbacks=[recorder, *callbacks], device=device)
         finished.append(res)
         return res
 

@@ -41,8 +41,9 @@ lowbit_tasks = [t for t in tasks if any(r.method in METHODS and r.task == t for 
 task = st.selectbox("Task", tasks, index=tasks.index(lowbit_tasks[0]) if lowbit_tasks else 0,
                     key="flat-task")
 on_task = [r for r in runs if r.task == task]
-default = [i for i, r in enumerate(on_task)
-           if r.method in (*METHODS, "lora", "full", "adaptformer")][:6] or [0]
+measured = [i for i, r in enumerate(on_task) if ui.record(r) is not None]
+default = measured[:6] or [i for i, r in enumerate(on_task)
+                           if r.method in (*METHODS, "lora", "full", "adaptformer")][:6] or [0]
 picked = st.multiselect("Runs to compare (same task)", range(len(on_task)), default=default,
                         format_func=lambda i: ui.label(on_task[i]), key="flat-runs")
 chosen = [on_task[i] for i in picked]

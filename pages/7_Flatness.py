@@ -23,8 +23,8 @@ st.title("Flatness: why 1-bit adapters work")
 st.caption("Quantising an adapter's weights to 1 bit moves them a long way, yet accuracy "
            "barely drops: the adapter sits in a flat region of the loss. Here the loss of "
            "trained runs is measured around their weights, in each method's own parameter "
-           "space (every weight for full fine-tuning), on the first "
-           f"{SETTINGS.images} validation images: along random filter-normalised directions "
+           "space (every weight for full fine-tuning), on the first validation images "
+           f"(default {SETTINGS.images}): along random filter-normalised directions "
            "(Li et al., 2018), by the Hessian's top eigenvalue and trace, and under "
            "Gaussian weight noise.")
 
@@ -41,8 +41,9 @@ lowbit_tasks = [t for t in tasks if any(r.method in METHODS and r.task == t for 
 task = st.selectbox("Task", tasks, index=tasks.index(lowbit_tasks[0]) if lowbit_tasks else 0,
                     key="flat-task")
 on_task = [r for r in runs if r.task == task]
-default = [i for i, r in enumerate(on_task)
-           if r.method in (*METHODS, "lora", "full", "adaptformer")][:6] or [0]
+measured = [i for i, r in enumerate(on_task) if ui.record(r) is not None]
+default = measured[:6] or [i for i, r in enumerate(on_task)
+                           if r.method in (*METHODS, "lora", "full", "adaptformer")][:6] or [0]
 picked = st.multiselect("Runs to compare (same task)", range(len(on_task)), default=default,
                         format_func=lambda i: ui.label(on_task[i]), key="flat-runs")
 chosen = [on_task[i] for i in picked]
@@ -53,11 +54,16 @@ if not chosen:
 records = {}
 missing = []
 for r in chosen:
-    rec = ui.record(r, SETTINGS)
+    rec = ui.record(r)  # any settings: a shipped record may use lighter ones
     if rec is None:
         missing.append(r)
     else:
         records[f"{fl.run_label(r.method, r.config.get('method_config', {}))} · {r.id[-8:]}"] = rec
+mixed = fl.settings_differ(list(records.values()))
+if mixed:
+    st.warning("The picked runs were measured with different settings (" + mixed + "): "
+               "their landscapes are not on the same grid or images.",
+               icon=":material/warning:")
 if missing:
     st.warning(f"{len(missing)} of the picked runs have no flatness record yet: "
                + ", ".join(f"`{r.id}`" for r in missing) + ". Measuring one takes about a "
@@ -90,7 +96,7 @@ with tab_sharp:
         "top eigenvalue": "{:.4g}", "trace": "{:.4g}", "trace ± (s.e.)": "{:.2g}",
         "trace / weight": "{:.3g}", "loss rise at radius": "{:.4f}"}))
     st.caption("Top eigenvalue: Lanczos on Hessian-vector products; trace: Hutchinson's "
-               f"estimate from {SETTINGS.trace_samples} Rademacher vectors (± its standard "
+               "estimate from Rademacher vectors (± its standard "
                "error). Both are in the run's own parameter space, so they grow with the "
                "number of weights: compare the trace per weight across methods.")
 
@@ -98,8 +104,10 @@ with tab_noise:
     nm = st.radio("Show", ["acc", "loss"], horizontal=True, key="flat-noise-metric",
                   format_func=lambda m: "accuracy" if m == "acc" else "loss")
     st.plotly_chart(plots.noise_curves(records, metric=nm), key="flat-noise")
-    st.caption(f"Each weight tensor gets Gaussian noise of std σ × its RMS; mean ± std over "
-               f"{SETTINGS.draws} draws.")
+    st.caption("Each weight tensor gets Gaussian noise of std σ × its RMS; mean ± std over "
+               "several draws (the record's settings).")
+    with st.expander("Settings of each record"):
+        st.dataframe(pd.DataFrame({n: r["settings"] for n, r in records.items()}).T)
 
 with tab_hist:
     lowbit = [r for r in chosen if r.method in METHODS]

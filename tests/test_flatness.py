@@ -123,7 +123,6 @@ def test_page_with_runs(store, tmp_path, monkeypatch):
                    "colours-linear-s0"):
         fl.compute_flatness(store / run_id, fl.FlatnessSettings(
             **{**TINY.key(), "noise": (0.0, 0.5)}))
-    monkeypatch.setattr(fl, "FlatnessSettings", lambda: TINY)
     at = _page(store, tmp_path, monkeypatch).run()
     assert not at.exception, at.exception
     assert [t.label for t in at.tabs] == ["Landscapes", "Sharpness", "Noise robustness",
@@ -131,11 +130,23 @@ def test_page_with_runs(store, tmp_path, monkeypatch):
     assert not at.warning  # every picked run has its record
     charts = at.get("plotly_chart")
     assert len(charts) >= 5
-    assert len(at.dataframe) == 1
+    assert len(at.dataframe) == 2  # the sharpness table and the records' settings
+
+
+def test_settings_differ():
+    a = {"settings": TINY.key()}
+    b = {"settings": {**TINY.key(), "images": 7, "noise": [0.0]}}
+    assert fl.settings_differ([a, a]) == ""
+    assert fl.settings_differ([a, b]) == "images, noise"
 
 
 def test_page_offers_to_measure_runs_without_a_record(store, tmp_path, monkeypatch):
-    at = _page(store, tmp_path, monkeypatch).run()  # default settings: nothing stored
+    for run_id in ("colours-bi-adaptformer-s0", "colours-bi-adaptformer-s0-b32",
+                   "colours-linear-s0"):
+        for path in (store / run_id / "artifacts" / fl.ARTIFACT,
+                     tmp_path / "cache" / "flatness" / f"{run_id}.json"):
+            path.unlink(missing_ok=True)
+    at = _page(store, tmp_path, monkeypatch).run()
     assert not at.exception, at.exception
     assert "no flatness record yet" in at.warning[0].value
     assert at.button(key="flat-compute")

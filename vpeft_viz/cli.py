@@ -233,6 +233,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_flatness(args: argparse.Namespace) -> int:
     from .analysis.flatness import FlatnessSettings, compute_flatness, load_record
+    from .config import parse_overrides
     from .runs.store import RunStore
 
     store = RunStore(args.store)
@@ -243,7 +244,8 @@ def cmd_flatness(args: argparse.Namespace) -> int:
         ids = list(args.run_ids)
     if not ids:
         raise ValueError("name runs to measure, or pass --all")
-    settings = FlatnessSettings(images=args.images, grid_2d=args.grid)
+    settings = FlatnessSettings.from_strings(
+        {"images": str(args.images), "grid_2d": str(args.grid), **parse_overrides(args.set)})
     out = []
     for run_id in ids:
         run = store.get(run_id)
@@ -321,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", type=Path, default=DEFAULT_STORE)
     s.add_argument("--images", type=int, default=256, help="validation images (first ones)")
     s.add_argument("--grid", type=int, default=21, help="points per side of the 2-D landscape")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="other measurement setting (points_1d, radius, noise=0,0.1,..., draws, "
+                   "lanczos_steps, trace_samples, seed, batch_size)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--force", action="store_true", help="recompute a stored record")
     s.add_argument("--json", action="store_true")

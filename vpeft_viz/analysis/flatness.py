@@ -50,6 +50,25 @@ class FlatnessSettings:
     seed: int = 0  # directions, noise and probe vectors
     batch_size: int = 256  # images per forward pass
 
+    @classmethod
+    def from_strings(cls, values: dict[str, str]) -> FlatnessSettings:
+        """Settings from ``KEY=VALUE`` strings (``noise`` as comma-separated levels)."""
+        out: dict[str, Any] = {}
+        defaults = asdict(cls())
+        for k, v in values.items():
+            if k not in defaults:
+                raise ValueError(f"unknown flatness setting {k!r}; known: "
+                                 f"{', '.join(defaults)}")
+            try:
+                if k == "noise":
+                    out[k] = tuple(float(x) for x in v.split(",") if x.strip())
+                else:
+                    out[k] = type(defaults[k])(v)
+            except ValueError:
+                raise ValueError(f"flatness setting {k} must be a "
+                                 f"{type(defaults[k]).__name__}, got {v!r}") from None
+        return cls(**out)
+
     def key(self) -> dict[str, Any]:
         d = asdict(self)
         d["noise"] = [float(x) for x in self.noise]
@@ -228,6 +247,13 @@ def frontier_rows(summaries: list[dict[str, Any]],
                      "method": c["method"], "bits": int(bits), "kb": stored_kb(s),
                      "test_acc": float(s["test_acc"])})
     return rows
+
+
+def settings_differ(records: list[dict[str, Any]]) -> str:
+    """The settings on which ``records`` disagree, as ``"images, grid_2d"``; empty if none."""
+    keys = sorted({k for r in records for k in r.get("settings", {})})
+    return ", ".join(k for k in keys
+                     if len({json.dumps(r.get("settings", {}).get(k)) for r in records}) > 1)
 
 
 def sharpness_rows(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -55,7 +55,11 @@ def measurable_runs() -> list[MethodRun]:
 
 
 def summary(run: MethodRun) -> dict[str, Any] | None:
-    return read_json(Path(run.path) / "summary.json")
+    """The run's summary; None when it is missing or unreadable (left out of the frontier)."""
+    try:
+        return read_json(Path(run.path) / "summary.json")
+    except RunStoreError:
+        return None
 
 
 def record(run: MethodRun, settings: fl.FlatnessSettings | None = None) -> dict | None:

@@ -66,8 +66,10 @@ if mixed:
                icon=":material/warning:")
 if missing:
     st.warning(f"{len(missing)} of the picked runs have no flatness record yet: "
-               + ", ".join(f"`{r.id}`" for r in missing) + ". Measuring one takes about a "
-               "minute on two CPU cores (a 21×21 landscape, 20 Hessian-vector products…).",
+               + ", ".join(f"`{r.id}`" for r in missing) + ". Measuring one is slow on a CPU: "
+               "every landscape point and Hessian-vector product is a pass over the chosen "
+               "images (docs/benchmarks.md gives measured times); fewer images and a "
+               "coarser grid are much faster.",
                icon=":material/hourglass_empty:")
     if st.button(f"Measure {len(missing)} run(s) now", key="flat-compute", type="primary"):
         if ui.compute(missing, SETTINGS) == 0:

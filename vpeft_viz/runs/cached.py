@@ -224,7 +224,8 @@ which runs the recipe in `vpeft_viz/runs/cached.py`, derived from each method's
   methods declare at other settings (`cached_variants`): {variants or "none"};
 - the embedded backbone with its shipped weights.
 
-That is {len(planned_runs())} runs, each up to a minute or so on two CPU cores.
+That is {len(planned_runs())} runs: most take about a minute on two quiet CPU cores, the
+methods that train in rounds (E²VPT's pruning with rewind) a few times that.
 Runs go into `.cached_runs.partial/` first and replace this folder at the end; an
 interrupted regeneration resumes. `--update` keeps the runs whose settings equal today's
 recipe and defaults and trains only the missing and changed ones. `--quick` (first seed, one

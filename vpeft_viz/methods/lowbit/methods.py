@@ -173,6 +173,8 @@ class LowBitMethod(PeftMethod):
 class BiAdaptFormer(LowBitMethod):
     Config = BiAdaptFormerConfig
     title = "Bi-AdaptFormer"
+    # Two more bit widths on one task, for the Flatness page's bits-vs-storage frontier.
+    cached_variants = (("b2", {"bits": 2}, ("digits",)), ("b32", {"bits": 32}, ("digits",)))
     summary = ("AdaptFormer's bottleneck adapter with every weight quantised to 1–8 bits and "
                "stored packed: the adapter of a task fits in a few kilobytes.")
     paper = "https://arxiv.org/abs/2307.16867"

@@ -132,7 +132,7 @@ def test_read_vtab_missing_split_file_names_it_and_lists_the_folder(tmp_path: Pa
     message = str(err.value)
     assert "missing split file(s) val200.txt" in message
     assert "train800.txt" in message.split("the folder has:")[1]
-    assert "images/" in message
+    assert "1 sub-folder" in message and "images" not in message  # names no other entry
 
 
 @pytest.mark.parametrize(
@@ -352,7 +352,8 @@ def test_detect_format_unknown_folder_explains_each_format(tmp_path: Path) -> No
     with pytest.raises(DataError) as err:
         detect_format(tmp_path / "x")
     message = str(err.value)
-    assert "matches no known task format" in message and "readme.md" in message
+    assert "matches no known task format" in message and "1 other file" in message
+    assert "readme.md" not in message  # names no other entry (shown on a web page)
     assert (
         "train800.txt" in message
         and "train.json" in message

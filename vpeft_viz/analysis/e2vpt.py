@@ -188,9 +188,11 @@ def run_attention_mass(path: str | Path, n_images: int = 64) -> dict[str, Any]:
     with the images (0..1, channels last, for display), labels and predictions."""
     import torch
 
-    from ..runs.model import load_run_model, run_test_images
+    from ..runs.model import run_test_images
+    from ..runs.store import Run
+    from ..runs.weights import load_run_model
 
-    model, _ = load_run_model(path)
+    model = load_run_model(Run(Path(path), read_only=True)).model
     images, labels, classes = run_test_images(path, model, n_images)
     with torch.no_grad():
         preds = model(images).argmax(1)

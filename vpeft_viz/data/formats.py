@@ -159,13 +159,20 @@ def _as_dir(root: Path | str) -> Path:
 
 
 def _listing(root: Path, limit: int = 12) -> str:
-    """A short, sorted listing of a folder for error messages."""
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-    if not names:
+    """What a folder holds, for error messages: the split files it has (by name) and how many
+    other files and sub-folders — never the names of other entries, so an error shown on a
+    web page does not list arbitrary directories."""
+    entries = list(root.iterdir())
+    if not entries:
         return "the folder is empty"
-    shown = ", ".join(names[:limit])
-    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return f"the folder has: {shown}{more}"
+    splits = sorted(p.name for p in entries if p.is_file() and p.suffix in (".txt", ".json"))
+    folders = sum(1 for p in entries if p.is_dir())
+    others = len(entries) - len(splits) - folders
+    shown = ", ".join(splits[:limit]) + (f", ... ({len(splits) - limit} more)"
+                                         if len(splits) > limit else "")
+    counts = [f"{n} {what}{'s' if n != 1 else ''}"
+              for n, what in ((folders, "sub-folder"), (others, "other file")) if n]
+    return "the folder has: " + "; ".join(x for x in (shown, ", ".join(counts)) if x)
 
 
 def _missing_split_file(root: Path, missing: list[str], expected: tuple[str, ...]) -> DataError:

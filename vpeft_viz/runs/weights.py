@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones import create_backbone
+from ..backbones import EMBEDDED_BACKBONE, create_backbone
 from ..methods import PeftMethod, attach_method, create_method, trainable_state
 from .store import Run, RunStoreError, atomic_write_bytes
 
@@ -60,6 +60,10 @@ def load_run_model(run: Run, *, device: torch.device | str = "cpu") -> TrainedMo
     gives the same logits as the one in memory at the end of training.
     """
     cfg = run.config
+    bb = cfg["backbone"]
+    if bb.get("pretrained") and not bb.get("checkpoint") and bb["name"] != EMBEDDED_BACKBONE:
+        raise RunStoreError(f"run {run.id} uses hub weights of {bb['name']}; rebuilding it "
+                            "would download them (views rebuild local backbones only)")
     if not has_weights(run):
         raise RunStoreError(f"run {run.id} has no stored weights (not shipped, or not "
                             "finished); retrain it to analyse it")
@@ -70,7 +74,6 @@ def load_run_model(run: Run, *, device: torch.device | str = "cpu") -> TrainedMo
     seed_everything(cfg["train"]["seed"])
     task = resolve_data(cfg["data"]["spec"], seed=cfg["train"]["seed"])
     num_classes = task.num_classes
-    bb = cfg["backbone"]
     model = create_backbone(bb["name"], num_classes=num_classes,
                             pretrained=bb["pretrained"], checkpoint=bb["checkpoint"])
     method = create_method(cfg["method"], cfg["method_config"])

@@ -73,3 +73,13 @@ def write_vtab_task(root, *, num_classes: int = 3, sizes=(24, 9, 9), seed: int =
 def vtab_task(tmp_path):
     """Path of a tiny VTAB-1k-layout task folder named ``colours``."""
     return write_vtab_task(tmp_path / "colours")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread: more only adds sync cost (20× on a busy CPU).
+    Modules of tiny-model tests use it with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,12 +35,7 @@ from vpeft_viz.probes.attention import attention_maps, unfused_attention
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(model, n: int = 3) -> torch.Tensor:

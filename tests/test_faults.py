@@ -53,13 +53,15 @@ def _one_run(store: Path):
 
 
 def _training(run) -> bool:
-    """At least one epoch recorded and the run still running (a kill lands mid-training)."""
+    """At least one epoch recorded and the run still running (a kill lands mid-training).
+    The runs use LoRA, not a linear probe: a probe trains its head on cached features, and
+    its 1,000 epochs on 8 images can finish before a quiet machine's first poll sees them."""
     return bool(run.metrics()) and run.status()["status"] == "running"
 
 
 def _start_cli(task: Path, store: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "vpeft_viz", "train", "--method", "linear", "--data", str(task),
+        [sys.executable, "-m", "vpeft_viz", "train", "--method", "lora", "--data", str(task),
          "--random-init", "--epochs", "1000", "--train-set", "batch_size=4",
          "--store", str(store), "--json"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log.open("wb"))
@@ -88,7 +90,7 @@ def queued(tmp_path_factory, cli_runs):
     root = tmp_path_factory.mktemp("queued")
     task = write_vtab_task(root / "colours", sizes=(8, 3, 3))
     store = RunStore(root / "runs")
-    config = make_run_config(method="linear", data=str(task), pretrained=False,
+    config = make_run_config(method="lora", data=str(task), pretrained=False,
                              train={"epochs": 1000, "batch_size": 4, "warmup_epochs": 0.0,
                                     "device": "cpu"})
     runs = [queue.submit(store, config), queue.submit(store, config)]
@@ -188,7 +190,7 @@ class FillDisk(Callback):
 
 def test_full_disk_leaves_a_readable_final_status(task, small_disk):
     store = RunStore(small_disk / "store")
-    config = make_run_config(method="linear", data=str(task), pretrained=False,
+    config = make_run_config(method="lora", data=str(task), pretrained=False,
                              train={"epochs": 50, "batch_size": 4, "warmup_epochs": 0.0,
                                     "device": "cpu"})
     run = store.create(config)

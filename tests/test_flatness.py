@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from streamlit.testing.v1 import AppTest
 
 import vpeft_viz.runs as run_stores
@@ -25,12 +24,7 @@ TINY = fl.FlatnessSettings(images=6, points_1d=5, grid_2d=3, noise=(0.0, 0.5), d
                            lanczos_steps=3, trace_samples=2, batch_size=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

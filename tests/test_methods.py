@@ -63,13 +63,7 @@ METHODS = method_names()
 
 
 # -- helpers ---------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: more only adds sync cost (20× on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images_for(model: VisionTransformer, n: int = 4, seed: int = 1) -> torch.Tensor:

@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from vpeft_viz.backbones import create_backbone  # noqa: E402
 from vpeft_viz.methods import attach_method, count_parameters, create_method, method_names  # noqa: E402
-from vpeft_viz.train import TrainConfig, autocast_dtype, fit, make_optimizer  # noqa: E402
+from vpeft_viz.train import Callback, TrainConfig, autocast_dtype, fit, make_optimizer  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; override with --peak-tflops.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
@@ -119,19 +119,10 @@ def engine(model: nn.Module, method, batches, cfg: TrainConfig, device) -> tuple
     first = []
     t0 = time.perf_counter()
 
-    class FirstStep:
-        def on_start(self, info):
-            pass
-
+    class FirstStep(Callback):
         def on_step(self, step, total, loss):
             if not first:
                 first.append(time.perf_counter() - t0)
-
-        def on_epoch(self, row):
-            pass
-
-        def should_stop(self):
-            return False
 
     res = fit(model, method, batches, batches[:1], NUM_CLASSES, cfg, callbacks=[FirstStep()],
               device=device)

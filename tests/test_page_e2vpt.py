@@ -39,10 +39,7 @@ def text(at: AppTest) -> str:
     return "\n".join(str(e.value) for k in kinds for e in getattr(at, k))
 
 
-def test_page_without_runs(stores):
-    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
-    assert not at.exception
-    assert "No finished E2VPT runs yet" in text(at)
+# The page on an empty store: tests/test_registry.py, for every view page.
 
 
 @pytest.fixture(scope="module")

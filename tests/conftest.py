@@ -83,3 +83,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def stores(tmp_path, monkeypatch):
+    """Empty user, cache and shipped stores under ``tmp_path`` for page tests; queue workers
+    are never spawned. Returns ``tmp_path``."""
+    import vpeft_viz.runs as run_stores
+    from vpeft_viz.runs import queue
+
+    monkeypatch.setenv("VPEFT_VIZ_RUNS", str(tmp_path / "user"))
+    monkeypatch.setenv("VPEFT_VIZ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(run_stores, "CACHED_STORE", tmp_path / "cached")
+    monkeypatch.setattr(queue, "ensure_worker", lambda store: [])
+    return tmp_path

@@ -15,21 +15,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vpeft_viz.runs as run_stores
 from vpeft_viz.methods import attach_method, create_method
-from vpeft_viz.runs import queue
 from vpeft_viz.runs.execute import make_run_config
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "6_DyT.py")
 TIMEOUT = 180
 CLASSES = ["a", "b", "c", "d"]
-
-
-@pytest.fixture
-def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("VPEFT_VIZ_RUNS", str(tmp_path / "user"))
-    monkeypatch.setenv("VPEFT_VIZ_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(run_stores, "CACHED_STORE", tmp_path / "cached")
-    monkeypatch.setattr(queue, "ensure_worker", lambda store: [])
-    return tmp_path
 
 
 def write_run(store: run_stores.RunStore, method: str, task: str, seed: int,

@@ -11,20 +11,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import vpeft_viz.runs as run_stores
-from vpeft_viz.runs import queue
 from vpeft_viz.runs.execute import execute_run, make_run_config
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "8_E2VPT.py")
 TIMEOUT = 180
-
-
-@pytest.fixture
-def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("VPEFT_VIZ_RUNS", str(tmp_path / "user"))
-    monkeypatch.setenv("VPEFT_VIZ_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(run_stores, "CACHED_STORE", tmp_path / "cached")
-    monkeypatch.setattr(queue, "ensure_worker", lambda store: [])
-    return tmp_path
 
 
 def train(data: Path, method: str, method_config: dict | None = None) -> None:

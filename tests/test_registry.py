@@ -9,27 +9,15 @@ get one, and be linked from the hub.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import vpeft_viz.runs as run_stores
 from vpeft_viz.methods import get_method_class, method_names, methods_with_view, view_pages
-from vpeft_viz.runs import cached, queue
+from vpeft_viz.runs import cached
 from vpeft_viz.ui.common import PAGES_DIR, page_blurb, page_files, page_title
 
 TIMEOUT = 180
 VIEW_PAGES = sorted(set(view_pages().values()))
-
-
-@pytest.fixture
-def empty_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("VPEFT_VIZ_RUNS", str(tmp_path / "user"))
-    monkeypatch.setenv("VPEFT_VIZ_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(run_stores, "CACHED_STORE", tmp_path / "cached")
-    monkeypatch.setattr(queue, "ensure_worker", lambda store: [])
-    return tmp_path
 
 
 def test_view_pages_exist_and_list_their_methods():
@@ -41,7 +29,7 @@ def test_view_pages_exist_and_list_their_methods():
 
 
 @pytest.mark.parametrize("page", VIEW_PAGES)
-def test_view_page_without_runs_says_how_to_get_one(page, empty_stores):
+def test_view_page_without_runs_says_how_to_get_one(page, stores):
     at = AppTest.from_file(str(PAGES_DIR / page), default_timeout=TIMEOUT).run()
     assert not at.exception
     body = "\n".join(str(e.value) for k in ("markdown", "caption", "info", "warning")

@@ -192,8 +192,9 @@ def run_attention_mass(path: str | Path, n_images: int = 64) -> dict[str, Any]:
     from ..runs.store import Run
     from ..runs.weights import load_run_model
 
-    model = load_run_model(Run(Path(path), read_only=True)).model
-    images, labels, classes = run_test_images(path, model, n_images)
+    trained = load_run_model(Run(Path(path), read_only=True))
+    model = trained.model
+    images, labels, classes = run_test_images(path, model, n_images, task=trained.task)
     with torch.no_grad():
         preds = model(images).argmax(1)
     out = prompt_attention_mass(model, images)

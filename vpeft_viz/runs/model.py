@@ -15,13 +15,15 @@ from ..data.dataset import ImageDataset, resolve_normalization
 from .store import Run
 
 
-def run_test_images(path: str | Path, model: nn.Module, n: int,
+def run_test_images(path: str | Path, model: nn.Module, n: int, task=None,
                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The first ``n`` test images of the run's task, prepared as the run saw them:
-    (images, labels, class names)."""
+    (images, labels, class names). ``task``: the run's data when already read (e.g.
+    :attr:`vpeft_viz.runs.weights.TrainedModel.task`), else it is read here."""
     run = Run(Path(path), read_only=True)
     cfg = run.config
-    task = resolve_data(cfg["data"]["spec"], seed=int(cfg.get("train", {}).get("seed", 0)))
+    if task is None:
+        task = resolve_data(cfg["data"]["spec"], seed=int(cfg.get("train", {}).get("seed", 0)))
     mean, std = resolve_normalization(cfg["data"].get("normalization", "backbone"),
                                       *input_stats(model))
     ds = ImageDataset(task.splits["test"][:n], image_size=image_size(model), mean=mean,

@@ -32,9 +32,9 @@ Han et al., ICCV 2023, https://arxiv.org/abs/2307.13770 (ChengHan111/E2VPT).
 
 The documented "origin" VTAB recipe of the release does not prune at all (``prune=false``
 here: one plain training run with all masks at 1). The live default schedule (one
-fraction of tokens × two of pieces: a mask round and two rewind rounds) keeps a run on the
-embedded backbone to a few minutes on a CPU; ``full_schedule`` is the 9 × 8 grid (up to 72
-rewind rounds, fewer after the limits merge pairs).
+fraction of tokens × two of pieces: a mask round and two rewind rounds) took 349 s on the
+embedded backbone on 2 CPU cores at load 5–6 (docs/benchmarks.md); ``full_schedule`` is
+the 9 × 8 grid (up to 72 rewind rounds, fewer after the limits merge pairs).
 """
 
 from __future__ import annotations

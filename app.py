@@ -1,9 +1,10 @@
 """vpeft-viz dashboard: ``streamlit run app.py`` (or ``make run``) from the repository root.
 
 This script is the router: ``st.navigation`` lists the home page (labelled "Home") and every
-``pages/*.py`` script, in file-name order, so a page added later appears by itself and each
-page file still runs on its own (``AppTest.from_file("pages/2_Compare.py")``). Views are
-shareable: the pages keep their task, tab and tour step in the URL's query parameters.
+``pages/*.py`` script, in the order of their number prefixes, so a page added later appears
+by itself and each page file still runs on its own
+(``AppTest.from_file("pages/2_Compare.py")``). Views are shareable: the pages keep their
+task, tab and tour step in the URL's query parameters.
 The icon is a file shipped in the package: a Material icon as favicon would be fetched from
 Google's font servers by the browser.
 """

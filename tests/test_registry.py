@@ -80,3 +80,9 @@ def test_cached_variants_are_valid_settings_with_their_own_run_ids():
     for spec in cached.variant_specs():
         create_method(spec["method"], spec["settings"])  # raises on an unknown or bad value
         assert spec["task"] in cached.TASKS and spec["run_id"] in ids
+
+
+def test_pages_are_ordered_by_number_prefix():
+    """``10_X.py`` comes after ``9_Y.py`` in the navigation (not in string order)."""
+    numbers = [int(p.name.split("_", 1)[0]) for p in page_files()]
+    assert numbers == sorted(numbers)

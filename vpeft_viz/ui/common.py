@@ -30,8 +30,12 @@ APP_ICON = str(Path(__file__).parent / "assets" / "icon.png")
 
 # -- pages --------------------------------------------------------------------------------
 def page_files() -> list[Path]:
-    """Every page script, ``pages/*.py`` in file-name order (new pages appear by themselves)."""
-    return sorted(p for p in PAGES_DIR.glob("*.py") if not p.name.startswith("_"))
+    """Every page script, ``pages/*.py`` ordered by its number prefix, then name (``10_X``
+    comes after ``9_Y``); new pages appear by themselves."""
+    def key(p: Path) -> tuple[int, str]:
+        m = re.match(r"\d+", p.name)
+        return (int(m.group()) if m else 10**6, p.name)
+    return sorted((p for p in PAGES_DIR.glob("*.py") if not p.name.startswith("_")), key=key)
 
 
 def page_blurb(path: Path) -> str | None:

@@ -19,8 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import write_result  # noqa: E402
 
 from vpeft_viz.analysis.pixel_baseline import (  # noqa: E402
-    C_GRID,
-    MAX_ITER,
+    PROTOCOL,
     task_pixel_baseline,
 )
 
@@ -42,9 +41,7 @@ def main() -> None:
               f"chance {r['chance']:.3f}  ({r['seconds']} s)", file=sys.stderr, flush=True)
     mean = float(np.mean([r["test_acc"] for r in records]))
     path = write_result("pixel_baseline", {
-        "protocol": "StandardScaler (fit on train800) + LogisticRegression(C, lbfgs, "
-                    f"max_iter={MAX_ITER}) on the 3,072 raw pixels; C chosen on val200 from "
-                    f"{list(C_GRID)} (ties: smaller C); test scored once with the train800 fit",
+        "protocol": PROTOCOL,
         "versions": {"scikit-learn": sklearn.__version__, "numpy": np.__version__},
         "tasks": records, "mean_test_acc": mean})
     print("| task | pixels (test) | chance | C |\n|---|---:|---:|---:|")

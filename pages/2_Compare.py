@@ -4,6 +4,7 @@ Finished runs: table with seed spreads, Pareto plots, curves, per-class, export.
 the tab shown live in the URL (``?task=count&tab=...``), so a view can be shared.
 """
 
+import pandas as pd
 import streamlit as st
 
 from vpeft_viz.analysis.compare import (
@@ -13,6 +14,7 @@ from vpeft_viz.analysis.compare import (
     multi_task_means,
     pareto_front,
 )
+from vpeft_viz.analysis.pixel_baseline import reference_rows
 from vpeft_viz.plots import group_label, group_styles
 from vpeft_viz.plots.compare import (
     CURVE_LABELS,
@@ -22,7 +24,13 @@ from vpeft_viz.plots.compare import (
     training_curves,
 )
 from vpeft_viz.ui.common import comparison_table, embedded_info, means_table, protocol_note
-from vpeft_viz.ui.stores import group_eval, load_run_table, run_curves, run_filters
+from vpeft_viz.ui.stores import (
+    group_eval,
+    load_run_table,
+    pixel_reference,
+    run_curves,
+    run_filters,
+)
 
 st.set_page_config(page_title="Compare · vpeft-viz", layout="wide")
 st.title("Compare methods")
@@ -44,12 +52,21 @@ if runs.empty:
     st.warning("No run matches the filters in the sidebar.")
     st.stop()
 agg = aggregate(runs)
+reference, reference_problems = pixel_reference()
+for problem in reference_problems:
+    st.warning(problem, icon=":material/warning:")
+pixel_rows = reference_rows(agg, reference)
 
 st.subheader("Per task")
 st.caption(f"{len(runs)} runs in {len(agg)} groups; a group is one task × backbone × method "
            "× setting, averaged over its seeds (Seeds = how many). Setting names what differs "
            "between the loaded runs.")
-comparison_table(agg)
+show_pixels = not pixel_rows.empty and st.toggle(
+    "Show the “pixels, no backbone” reference", value=True, key="pixels",
+    help="A logistic regression on the raw standardised pixels of train800, C chosen on "
+         "val200, test scored once (`python -m vpeft_viz pixels`). A method that does not beat "
+         "it is not being helped by the backbone.")
+comparison_table(pd.concat([agg, pixel_rows], ignore_index=True) if show_pixels else agg)
 
 if agg["task"].nunique() > 1:
     st.subheader("Averaged over tasks")
@@ -76,6 +93,10 @@ shown = st.multiselect("Groups on the charts", labels, default=labels, key="deta
 on_task = on_task[[lab in shown for lab in labels]].reset_index(drop=True)
 classes = on_task["num_classes"].dropna()
 chance = 1 / classes.iloc[0] if len(classes) and classes.nunique() == 1 else None
+ref = reference.get(task) if show_pixels else None
+if ref is not None:  # the test split's own chance level (majority class when unbalanced)
+    chance = ref["chance"] if acc == "test_acc" else chance
+pixels = None if ref is None else ref[acc]
 if on_task.empty:
     st.info("Pick at least one group to draw the charts.")
     st.stop()
@@ -88,15 +109,16 @@ for tab, (cost, label, log_x) in zip(tabs, [
         ("peak_memory_bytes", "peak memory", False)]):
     with tab:
         st.plotly_chart(pareto_scatter(on_task, cost=cost, cost_label=label, acc=acc,
-                                       log_x=log_x, styles=styles, chance=chance),
+                                       log_x=log_x, styles=styles, chance=chance,
+                                       pixels=pixels),
                         key=f"pareto-{cost}")
         front = on_task[pareto_front(on_task[acc], on_task[cost])].sort_values(cost)
         st.caption("On the frontier, cheapest first (nothing is both more accurate and "
                    "cheaper): "
                    + (", ".join(group_label(m, s) for m, s in zip(front["method"],
                                                                    front["setting"])) or "–")
-                   + (f". Dotted line: chance, 1 / {int(classes.iloc[0])} classes."
-                      if chance else ""))
+                   + (f". Dotted line: chance ({100 * chance:.1f}%)." if chance else "")
+                   + (" Dashed line: pixels, no backbone." if pixels is not None else ""))
         if cost == "peak_memory_bytes" and len(on_task) > 2 and on_task[cost].nunique() == 1:
             st.warning("Every group here has the same peak memory: these runs recorded their "
                        "process's high-water mark, not their own peak (runs made before "
@@ -112,7 +134,8 @@ curves = run_curves(on_runs[[group_label(m, s) in shown for m, s in
 if curves.empty:
     st.caption("No per-epoch metrics recorded for these runs.")
 else:
-    st.plotly_chart(training_curves(curves, metric=metric, styles=styles, chance=chance),
+    st.plotly_chart(training_curves(curves, metric=metric, styles=styles, chance=chance,
+                                    pixels=ref.get(metric) if ref else None),
                     key="curves")
 
 st.markdown("**Per class** (test set)")

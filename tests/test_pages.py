@@ -160,3 +160,29 @@ def test_tour_step_comes_from_the_url(synthetic: Path) -> None:
     assert "Step 3 of" in at.get("progress")[0].proto.text
     at.button(key="tour-next").click().run()
     assert at.query_params["step"] == "4"
+
+
+def test_compare_shows_the_pixel_reference(synthetic: Path) -> None:
+    """A store's pixel_baseline.json becomes a reference row per task and a dashed line."""
+    from vpeft_viz.analysis.pixel_baseline import REFERENCE_METHOD, write_reference
+
+    write_reference(synthetic / "cached" / run_stores.PIXEL_REFERENCE_FILE, [
+        {"task": "digits", "test_acc": 0.42, "val_acc": 0.40, "chance": 0.104, "C": 0.01,
+         "num_classes": 10, "n_inputs": 3072}])
+    at = page("2_Compare.py")
+    assert not at.exception
+    table = at.dataframe[0].value
+    row = table[table["Method"] == REFERENCE_METHOD]
+    assert len(row) == 1 and row.iloc[0]["Test acc"] == pytest.approx(42.0)
+    assert row.iloc[0]["Task"] == "digits"  # only tasks with a reference get a row
+    at.selectbox(key="task").set_value("digits").run()
+    assert "Dashed line: pixels, no backbone" in texts(at)
+    at.toggle(key="pixels").set_value(False).run()
+    assert REFERENCE_METHOD not in set(at.dataframe[0].value["Method"])
+
+
+def test_compare_says_when_the_pixel_reference_is_unreadable(synthetic: Path) -> None:
+    (synthetic / "cached" / run_stores.PIXEL_REFERENCE_FILE).write_text("{not json")
+    at = page("2_Compare.py")
+    assert not at.exception
+    assert any("python -m vpeft_viz pixels" in w.value for w in at.warning)

@@ -62,3 +62,41 @@ def test_table_has_what_the_compare_page_shows():
     table = PB.as_table([rec])
     assert list(table.columns[:3]) == ["task", "test_acc", "chance"]
     assert table.iloc[0]["task"] == "toy" and table.iloc[0]["C"] == 1.0
+
+
+def test_reference_file_round_trip_and_clear_errors(tmp_path):
+    recs = [{"task": "digits", "test_acc": 0.3, "val_acc": 0.25, "chance": 0.1, "C": 1.0,
+             "num_classes": 10, "n_inputs": 3072}]
+    path = PB.write_reference(tmp_path / PB.REFERENCE_FILE, recs)
+    assert PB.read_reference(path) == {"digits": recs[0]}
+    assert PB.read_reference(tmp_path / "absent.json") == {}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"kind": "something else", "tasks": {}}')
+    with pytest.raises(ValueError, match="not a pixel reference"):
+        PB.read_reference(bad)
+    bad.write_text("{oops")
+    with pytest.raises(ValueError, match="python -m vpeft_viz pixels"):
+        PB.read_reference(bad)
+
+
+def test_reference_rows_follow_the_compare_table():
+    import pandas as pd
+
+    agg = pd.DataFrame({"task": ["digits", "count"], "task_group": ["natural", "structured"],
+                        "method": ["lora", "lora"], "test_acc": [0.5, 0.4]})
+    rows = PB.reference_rows(agg, {"digits": {"test_acc": 0.3, "val_acc": 0.2, "chance": 0.1,
+                                              "C": 0.01, "num_classes": 10, "n_inputs": 3072}})
+    assert list(rows.columns) == list(agg.columns)
+    assert rows["task"].tolist() == ["digits"]
+    assert rows["method"].tolist() == [PB.REFERENCE_METHOD]
+    assert PB.reference_rows(agg, {}).empty
+
+
+def test_cli_pixels_rejects_unknown_tasks(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "vpeft_viz", "pixels", "nosuch", "--store",
+                        str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown embedded task 'nosuch'" in r.stderr
+    assert not (tmp_path / PB.REFERENCE_FILE).exists()

@@ -12,14 +12,21 @@ common class scores it), and ``chance_rule`` says which case applies.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
+from ..runs import PIXEL_REFERENCE_FILE
+
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # inverse L2 strength; 3,072 inputs vs 800 images
 MAX_ITER = 1000
+PROTOCOL = ("StandardScaler (fit on train800) + LogisticRegression(C, lbfgs, "
+            f"max_iter={MAX_ITER}) on the raw pixels; C chosen on val200 from {list(C_GRID)} "
+            "(ties: smaller C); test scored once with the train800 fit")
 
 Split = tuple[np.ndarray, np.ndarray]  # uint8 images (N, H, W, C), int labels (N,)
 
@@ -66,7 +73,7 @@ def pixel_baseline(train: Split, val: Split, test: Split, num_classes: int,
             "chance": chance, "chance_rule": rule,
             "converged": bool(best.n_iter_.max() < max_iter),
             "n_train": len(train[1]), "n_val": len(val[1]), "n_test": len(test[1]),
-            "num_classes": num_classes}
+            "n_inputs": int(xtr.shape[1]), "num_classes": num_classes}
 
 
 def task_pixel_baseline(task: str, **kwargs) -> dict:
@@ -84,6 +91,67 @@ def suite_pixel_baseline(tasks: Iterable[str] | None = None, **kwargs) -> list[d
     from ..data.embedded import EMBEDDED_TASKS
 
     return [task_pixel_baseline(t, **kwargs) for t in (tasks or EMBEDDED_TASKS)]
+
+
+REFERENCE_FILE = PIXEL_REFERENCE_FILE  # in a store's root: the shipped one is cached_runs/
+
+
+def write_reference(path: Path, records: list[dict], *, protocol: str = "") -> Path:
+    """Store ``records`` (one per task) as a store's pixel reference, atomically."""
+    path = Path(path)
+    payload = {"kind": "pixel_baseline", "version": 1, "protocol": protocol or PROTOCOL,
+               "tasks": {r["task"]: r for r in records}}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_reference(path: Path) -> dict[str, dict]:
+    """Task → record from a reference file written by :func:`write_reference`; ``{}`` if the
+    file is absent. A file that is not a pixel reference raises ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable as a pixel reference ({e}); regenerate it "
+                         "with `python -m vpeft_viz pixels`") from e
+    tasks = payload.get("tasks") if isinstance(payload, dict) else None
+    if payload.get("kind") != "pixel_baseline" or not isinstance(tasks, dict) or not all(
+            isinstance(r, dict) and {"test_acc", "val_acc", "chance"} <= r.keys()
+            for r in tasks.values()):
+        raise ValueError(f"{path}: not a pixel reference (kind, tasks with test_acc, val_acc "
+                         "and chance expected); regenerate it with `python -m vpeft_viz pixels`")
+    return tasks
+
+
+REFERENCE_METHOD = "pixels, no backbone"
+
+
+def reference_rows(agg, records: dict[str, dict]):
+    """Rows shaped like :func:`~vpeft_viz.analysis.compare.aggregate`'s, one per task of
+    ``agg`` that has a pixel reference: method "pixels, no backbone", backbone "none (raw
+    pixels)", its test and validation accuracy, and the logistic regression's weight count
+    (pixels × classes + classes) as its trainable parameters; the other costs are missing."""
+    import pandas as pd
+
+    rows = []
+    for task in dict.fromkeys(agg["task"]):
+        r = records.get(task)
+        if r is None:
+            continue
+        groups = agg.loc[agg["task"] == task, "task_group"]
+        k = int(r.get("num_classes") or 0)
+        pixels = int(r.get("n_inputs") or 32 * 32 * 3)
+        rows.append({"task": task, "task_group": groups.iloc[0] if len(groups) else None,
+                     "backbone": "none (raw pixels)", "method": REFERENCE_METHOD,
+                     "setting": f"C={r['C']:g}" if "C" in r else "", "n_seeds": 1,
+                     "test_acc": r["test_acc"], "val_acc": r["val_acc"],
+                     "trainable_params": pixels * k + k if k else None,
+                     "num_classes": k or None})
+    return pd.DataFrame(rows, columns=list(agg.columns)) if rows else agg.iloc[0:0]
 
 
 def as_table(records: list[dict]):

@@ -44,18 +44,24 @@ def _styles(pairs, styles: Mapping[str, GroupStyle] | None) -> Mapping[str, Grou
     return styles if styles is not None else group_styles(pairs)
 
 
-def _chance_line(fig: go.Figure, chance: float | None) -> None:
-    """A dotted line at the accuracy of guessing uniformly (1 / number of classes)."""
-    if chance is None or not 0 < chance < 1:
-        return
-    fig.add_hline(y=100 * chance, line=dict(color="#888", dash="dot", width=1),
-                  annotation_text=f"chance {100 * chance:.1f}%",
-                  annotation_position="bottom right", annotation_font_color="#666")
+def _chance_line(fig: go.Figure, chance: float | None, pixels: float | None = None) -> None:
+    """A dotted line at chance (the accuracy of always answering the test split's most common
+    class; 1 / number of classes on a balanced split) and, when given, a dashed one at the
+    "pixels, no backbone" reference (a logistic regression on raw pixels)."""
+    if chance is not None and 0 < chance < 1:
+        fig.add_hline(y=100 * chance, line=dict(color="#888", dash="dot", width=1),
+                      annotation_text=f"chance {100 * chance:.1f}%",
+                      annotation_position="bottom right", annotation_font_color="#666")
+    if pixels is not None and 0 <= pixels <= 1:
+        fig.add_hline(y=100 * pixels, line=dict(color="#b45309", dash="dash", width=1),
+                      annotation_text=f"pixels, no backbone {100 * pixels:.1f}%",
+                      annotation_position="top right", annotation_font_color="#b45309")
 
 
 def pareto_scatter(agg: pd.DataFrame, *, cost: str, cost_label: str, acc: str = "test_acc",
                    log_x: bool = False, styles: Mapping[str, GroupStyle] | None = None,
-                   chance: float | None = None, title: str | None = None) -> go.Figure:
+                   chance: float | None = None, pixels: float | None = None,
+                   title: str | None = None) -> go.Figure:
     """Accuracy against a cost, one labelled point per (method, setting) with its seed
     spread as an error bar; the Pareto frontier (highest accuracy for its cost) is ringed
     and joined.
@@ -95,7 +101,7 @@ def pareto_scatter(agg: pd.DataFrame, *, cost: str, cost_label: str, acc: str = 
             error_y=dict(type="data", array=[0 if math.isnan(sd) else 100 * sd],
                          visible=not math.isnan(sd), thickness=1),
             hovertext=[hover], hovertemplate="%{hovertext}<extra></extra>"))
-    _chance_line(fig, chance)
+    _chance_line(fig, chance, pixels)
     fig.update_layout(
         title=title, xaxis_title=cost_label + (" (log scale)" if log_x else ""),
         yaxis_title=ACC_LABELS.get(acc, acc), legend=LEGEND_BELOW,
@@ -109,7 +115,7 @@ def pareto_scatter(agg: pd.DataFrame, *, cost: str, cost_label: str, acc: str = 
 
 def training_curves(curves: pd.DataFrame, *, metric: str,
                     styles: Mapping[str, GroupStyle] | None = None,
-                    chance: float | None = None) -> go.Figure:
+                    chance: float | None = None, pixels: float | None = None) -> go.Figure:
     """Per-epoch ``metric`` of each (method, setting), mean over seeds with a ±1 std band."""
     fig = go.Figure()
     pct = metric.endswith("_acc")
@@ -135,7 +141,7 @@ def training_curves(curves: pd.DataFrame, *, metric: str,
                            f": %{{y:.{digits}f}} ± %{{customdata[0]:.{digits}f}} "
                            "(%{customdata[1]} seeds)<extra></extra>")))
     if pct:
-        _chance_line(fig, chance)
+        _chance_line(fig, chance, pixels)
     epochs = curves["epoch"].max() if len(curves) else 1
     fig.update_layout(xaxis_title="epoch", yaxis_title=CURVE_LABELS.get(metric, metric),
                       legend=LEGEND_BELOW, margin=dict(l=10, r=10, t=30, b=10), height=420)

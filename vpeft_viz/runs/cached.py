@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import CACHED_STORE
+from . import CACHED_STORE, PIXEL_REFERENCE_FILE
 from .store import RunStore, atomic_write_bytes, atomic_write_json, read_json
 
 # The whole shipped set: every registered method, with the seeds its class declares
@@ -134,6 +134,8 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
     if update and out.is_dir() and not partial.exists():
         shutil.copytree(out, partial)
     store = RunStore(partial)
+    if (out / PIXEL_REFERENCE_FILE).is_file():  # backbone-independent: carried over
+        shutil.copy2(out / PIXEL_REFERENCE_FILE, partial / PIXEL_REFERENCE_FILE)
     start = time.time()
     trained: list[str] = []
     for i, spec in enumerate(specs):
@@ -232,6 +234,9 @@ recipe and defaults and trains only the missing and changed ones. `--quick` (fir
 epoch) checks the recipe.
 
 - `manifest.json`: the recipe, when and how it was generated, with the versions used.
+- `{PIXEL_REFERENCE_FILE}`: the "pixels, no backbone" reference of each embedded task
+  (logistic regression on raw pixels, `python -m vpeft_viz pixels --store cached_runs`);
+  it does not depend on the backbone, so regeneration keeps it.
 - `<task>-<method>-s<seed>/`: one run each (config, status, metrics, summary, eval).
 - Weights files larger than {WEIGHT_LIMIT_BYTES:,} bytes are not shipped (full fine-tuning):
   such a run's `summary.json` still gives `weight_bytes` and says `"weights_shipped": false`.

@@ -22,6 +22,7 @@ from ..analysis.compare import (
     load_runs,
     seed_eval,
 )
+from ..analysis.pixel_baseline import read_reference
 from ..runs.store import RunStore, RunStoreError, read_metrics
 
 SOURCE_LABELS = {"cached": "shipped cached_runs/", "user": "your runs"}
@@ -64,6 +65,32 @@ def _user_table(root: str, fingerprint: tuple, groups: dict[str, str]) -> RunTab
 def store_roots() -> dict[str, Path]:
     """Where each source lives now (read at call time, so tests can point elsewhere)."""
     return {"cached": run_stores.cached_store().root, "user": run_stores.user_store_path()}
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _reference(path: str, mtime_ns: int) -> tuple[dict[str, dict], str | None]:
+    try:
+        return read_reference(Path(path)), None
+    except ValueError as e:
+        return {}, str(e)
+
+
+def pixel_reference() -> tuple[dict[str, dict], list[str]]:
+    """Task → "pixels, no backbone" record (``python -m vpeft_viz pixels``) from the shipped
+    store and the user store (the user's own wins), and the problems met reading them."""
+    records: dict[str, dict] = {}
+    problems = []
+    for root in store_roots().values():
+        path = Path(root) / run_stores.PIXEL_REFERENCE_FILE
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            continue
+        found, problem = _reference(str(path), mtime)
+        records.update(found)
+        if problem:
+            problems.append(problem)
+    return records, problems
 
 
 def load_run_table(sources: tuple[str, ...] = ("cached", "user")) -> RunTable:

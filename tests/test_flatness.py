@@ -144,3 +144,35 @@ def test_page_offers_to_measure_runs_without_a_record(store, tmp_path, monkeypat
     assert not at.exception, at.exception
     assert "no flatness record yet" in at.warning[0].value
     assert at.button(key="flat-compute")
+
+
+def test_bf16_landscapes_keep_an_exact_centre(store):
+    """Under bf16 autocast every point, the centre included, is evaluated the same way: the
+    centre is the trained model's bf16 loss exactly, and close to the fp32 one."""
+    import dataclasses
+
+    import torch
+
+    path = store / "colours-bi-adaptformer-s0"
+    fast = dataclasses.replace(TINY, precision="bf16")
+    rec = fl.compute_flatness(path, fast, save=False)
+    trained = load_run_model(Run(path, read_only=True))
+    batches = fl.validation_batches(trained, TINY.images, TINY.batch_size, "cpu")
+    loss16, _ = ls.loss_and_accuracy(trained.model, batches, amp=torch.bfloat16)
+    loss32, _ = ls.loss_and_accuracy(trained.model, batches)
+    assert rec["settings"]["precision"] == "bf16"
+    assert rec["landscape_1d"]["loss"][2] == loss16 == rec["trained"]["loss"]
+    assert rec["landscape_2d"]["loss"][1][1] == loss16
+    assert abs(loss16 - loss32) < 0.05 * abs(loss32)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        fl.FlatnessSettings(precision="fp8")
+
+
+def test_records_from_before_a_setting_existed_still_load(store, tmp_path):
+    """A record written before ``precision`` existed was fp32: it matches fp32 settings."""
+    path = store / "colours-linear-s0"
+    rec = fl.compute_flatness(path, TINY)
+    stored = json.loads((path / "artifacts" / fl.ARTIFACT).read_text())
+    del stored["settings"]["precision"]
+    (path / "artifacts" / fl.ARTIFACT).write_text(json.dumps(stored))
+    assert fl.load_record(path, TINY)["run_id"] == rec["run_id"]

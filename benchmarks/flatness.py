@@ -72,6 +72,8 @@ def main() -> int:
     p.add_argument("--lanczos-steps", type=int, default=20)
     p.add_argument("--spaces", default="bi-adaptformer,full",
                    help="parameter spaces to time, comma-separated")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="landscape precisions to time (bf16: autocast), comma-separated")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,28 +85,34 @@ def main() -> int:
         gen = torch.Generator().manual_seed(0)
         d1 = landscape.filter_normalised_direction(params, gen)
         d2 = landscape.filter_normalised_direction(params, gen)
-        times2d, timeseig, eig = [], [], []
+        precisions = args.precisions.split(",")
+        times2d: dict[str, list[float]] = {k: [] for k in precisions}
+        timeseig, eig = [], []
         for _ in range(args.repeats):
-            t = time.perf_counter()
-            landscape.landscape_2d(model, params, batches, d1, d2, grid, grid)
-            times2d.append(time.perf_counter() - t)
+            for prec in precisions:
+                t = time.perf_counter()
+                landscape.landscape_2d(model, params, batches, d1, d2, grid, grid,
+                                       amp=torch.bfloat16 if prec == "bf16" else None)
+                times2d[prec].append(time.perf_counter() - t)
             t = time.perf_counter()
             op = hessian.HessianOperator(model, params, batches)
             ext = hessian.lanczos_extremes(op, max_steps=args.lanczos_steps, tol=1e-4)
             timeseig.append(time.perf_counter() - t)
             eig.append({"top": ext.top, "products": ext.steps, "converged": ext.converged})
-            print(f"{kind}: 2-D {times2d[-1]:.1f} s, top eigenvalue {ext.top:.4g} in "
+            print(f"{kind}: 2-D " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times2d.items())
+                  + f", top eigenvalue {ext.top:.4g} in "
                   f"{timeseig[-1]:.1f} s ({ext.steps} products)", file=sys.stderr)
         points = len(grid) ** 2
         results[kind] = {
             "weights_from": source, "params": int(sum(q.numel() for q in params)),
             "images": int(sum(int(y.numel()) for _, y in batches)),
             "grid": f"{len(grid)}x{len(grid)}",
-            "landscape_2d_s": {"median": round(median(times2d), 2),
-                               "runs": [round(x, 2) for x in times2d]},
-            "per_point_s": round(median(times2d) / points, 3),
+            "landscape_2d_s": {k: {"median": round(median(v), 2),
+                                   "runs": [round(x, 2) for x in v]} for k, v in times2d.items()},
+            "per_point_s": {k: round(median(v) / points, 3) for k, v in times2d.items()},
             # a projection from the measured per-point time, not a measurement
-            "projected_21x21_s": round(median(times2d) / points * 441, 1),
+            "projected_21x21_s": {k: round(median(v) / points * 441, 1)
+                                  for k, v in times2d.items()},
             "top_eigenvalue_s": {"median": round(median(timeseig), 2),
                                  "runs": [round(x, 2) for x in timeseig]},
             "top_eigenvalue": eig,

@@ -325,6 +325,19 @@ def test_run_is_rebuilt_exactly_with_its_record(vtab_task, tmp_path):
     assert rec["sample_stage0_attn"].shape == (8, 2, 4, 256, 2)
     assert rec["stage2_meta_share"].shape == (2, 12)
 
+    # the view's trace of a test image from the stored weights is what the run recorded
+    from vpeft_viz.analysis.hst import SideRecord, run_trace
+
+    stored = SideRecord.from_artifacts(rec)
+    again = run_trace(run.path, 3)
+    t = again["trace"]
+    assert again["pred"] == stored.preds[3] and again["label"] == stored.labels[3]
+    for i in range(3):
+        assert np.allclose(t.norms[i][0], stored.samples.norms[i][3], atol=1e-4)
+        assert np.allclose(t.attn[i][0], stored.samples.attn[i][3], atol=2e-3)  # float16
+    assert np.allclose(t.meta_norm[0], stored.samples.meta_norm[3], atol=1e-4)
+    assert np.array_equal(t.images[0], stored.samples.images[3])
+
 
 # -- the records the view reads --------------------------------------------------------------
 def test_test_split_record(tiny_vit, tiny_loader):

@@ -288,6 +288,30 @@ def test_batchnorm_statistics_are_stored_and_reloaded(tiny_vit, make_tiny_vit):
     assert torch.equal(fresh.eval()(x), want)
 
 
+def test_best_epoch_restores_its_batchnorm_statistics(tiny_vit, tiny_loader, monkeypatch):
+    """Validation is best after epoch 1; the statistics that come back are epoch 1's, not
+    the last epoch's (they go with the weights they were collected with)."""
+    import vpeft_viz.train as train
+    from vpeft_viz.train import Callback, EvalResult, TrainConfig, fit
+
+    method = attached(tiny_vit)
+    accs = iter([0.9, 0.1, 0.1])
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: EvalResult(
+        loss=1.0, acc=next(accs), confusion=None, class_correct=np.zeros(5, dtype=np.int64),
+        class_total=np.ones(5, dtype=np.int64)))
+    seen: list[torch.Tensor] = []
+
+    class Snapshot(Callback):
+        def on_epoch(self, row: dict) -> None:
+            seen.append(tiny_vit.hst.fc_norm.running_mean.clone())
+
+    res = fit(tiny_vit, method, tiny_loader, tiny_loader, 5,
+              TrainConfig(epochs=3, batch_size=8, warmup_epochs=0), callbacks=[Snapshot()],
+              device=CPU)
+    assert res.best_epoch == 1 and not torch.equal(seen[0], seen[-1])
+    assert torch.equal(tiny_vit.hst.fc_norm.running_mean, seen[0])
+
+
 def test_a_training_batch_of_one_image(tiny_vit):
     attached(tiny_vit)
     tiny_vit.train()

@@ -215,7 +215,8 @@ def run_trace(path: str | Path, index: int) -> dict[str, Any]:
                                       *input_stats(trained.model))  # as run_test_images did
     n = len(t["tokens"])
     return {"trace": ImageTrace(
-        images=display_images(x, SimpleNamespace(mean=mean, std=std)), norms=[arrays[f"stage{i}_norm"] for i in range(n)],
+        images=display_images(x, SimpleNamespace(mean=mean, std=std)),
+        norms=[arrays[f"stage{i}_norm"] for i in range(n)],
         pcas=[arrays[f"stage{i}_pca"] for i in range(n)],
         attn=[arrays[f"stage{i}_attn"].astype(float) for i in range(n)],
         meta_norm=arrays["meta_norm"], patch_norm=arrays["patch_norm"]),

@@ -233,7 +233,7 @@ epoch) checks the recipe.
 
 - `manifest.json`: the recipe, when and how it was generated, with the versions used.
 - `<task>-<method>-s<seed>/`: one run each (config, status, metrics, summary, eval).
-- Weights files larger than {WEIGHT_LIMIT_BYTES:,} bytes are not shipped (full fine-tuning):
+- Weights files larger than {WEIGHT_LIMIT_BYTES:,} bytes are not shipped (full fine-tuning, HST):
   such a run's `summary.json` still gives `weight_bytes` and says `"weights_shipped": false`.
 - Model selection: each run keeps the epoch with the best validation accuracy and reports
   its test accuracy once.

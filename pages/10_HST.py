@@ -97,7 +97,8 @@ with tab_maps:
             st.info(f"Run {run.id} has no stored weights (shipped runs of a side network this "
                     "size leave them out); train one to trace any image.",
                     icon=":material/info:")
-        else:
+        elif st.toggle("Trace it", key="hst-trace", help="Rebuilds the run's model (a few "
+                       "seconds the first time) and traces the image through it"):
             try:
                 out = traced(run.path, int(j), weights.stat().st_mtime_ns)
             except Exception as e:  # a run that cannot be rebuilt here is reported

@@ -105,3 +105,21 @@ def test_unusable_record_gives_an_error(with_runs):
     assert not at.exception
     assert any(f"Run {bad.id} has no usable HST side-network record" in e.value
                for e in at.error)
+
+
+def test_trace_another_image_from_the_weights(stores, vtab_task):
+    """A real (short) HST run with its weights: the page rebuilds it and traces test image 8,
+    which the run did not store."""
+    from vpeft_viz.runs.execute import execute_run
+
+    cfg = make_run_config(method="hst", data=str(vtab_task), pretrained=False,
+                          train={"epochs": 1, "batch_size": 8})
+    run = run_stores.RunStore(stores / "user").create(cfg)
+    execute_run(run)
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    assert at.number_input(key="hst-trace-index").value == 8
+    at = at.toggle(key="hst-trace").set_value(True).run()
+    assert not at.exception, at.exception
+    assert "Test image 8:" in text(at)
+    assert len(at.get("plotly_chart")) == 6

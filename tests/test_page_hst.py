@@ -123,3 +123,18 @@ def test_trace_another_image_from_the_weights(stores, vtab_task):
     assert not at.exception, at.exception
     assert "Test image 8:" in text(at)
     assert len(at.get("plotly_chart")) == 6
+
+
+def test_page_on_the_shipped_cached_runs(stores, monkeypatch):
+    """The real cached_runs/ store: one HST run per cached task, read from their records
+    (their weights are over the shipping limit, which the trace panel says)."""
+    monkeypatch.setattr(run_stores, "CACHED_STORE", run_stores.REPO_ROOT / "cached_runs")
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    runs = at.selectbox(key="hst-run").options
+    assert len(runs) == 3 and all("shipped" in r for r in runs)
+    assert at.selectbox(key="hst-stage").options == ["stage 1 · 16×16 · 48 wide",
+                                                     "stage 2 · 8×8 · 64 wide",
+                                                     "stage 3 · 4×4 · 72 wide"]
+    assert len(at.get("plotly_chart")) == 5 and not at.error
+    assert "no stored weights" in text(at)

@@ -56,7 +56,13 @@ TINY_OVERRIDES: dict[str, dict] = {
 VIT_B_COUNTS: list[tuple[str, dict, int]] = [
     (name, dict(settings), count) for name in method_names()
     for settings, count in get_method_class(name).vit_b_counts]
-VIT_B_HEAD_100 = 768 * 100 + 100  # a 100-class head adds 76,900 trainable weights
+
+
+def head_100(model: nn.Module) -> int:
+    """A 100-class head on the features the model's head reads (``num_features``): 76,900 on
+    ViT-B's 768; HST's head reads its side network's 72 features (7,300)."""
+    return (model.num_features + 1) * 100
+
 
 CPU = torch.device("cpu")
 METHODS = method_names()
@@ -387,5 +393,5 @@ def test_vit_b_counts(name, overrides, expected, vit_b):
     model.reset_classifier(100)
     with_head = count_parameters(model, method)
     assert with_head["trainable_excl_head"] == expected
-    assert with_head["trainable"] == expected + VIT_B_HEAD_100
-    assert with_head["total"] == counts["total"] + VIT_B_HEAD_100
+    assert with_head["trainable"] == expected + head_100(model)
+    assert with_head["total"] == counts["total"] + head_100(model)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import Config, ConfigError, param
-from .methods import PeftMethod, get_method_class, method_names
+from .methods import PeftMethod, get_method_class, method_names, trainable_state
 
 
 def _default_lrs() -> str:
@@ -342,8 +342,8 @@ def fit(model: nn.Module, method: PeftMethod, train_loader, val_loader, num_clas
         result.history.append(row)
         if not val.acc <= result.best_val_acc:  # first epoch, or strictly better
             result.best_val_acc, result.best_epoch = val.acc, epoch + 1
-            result.best_state = {n: p.detach().clone()
-                                 for n, p in model.named_parameters() if p.requires_grad}
+            # trainable parameters and PEFT modules' buffers (HST's BatchNorm statistics)
+            result.best_state = {n: t.clone() for n, t in trainable_state(model).items()}
         for cb in callbacks:
             cb.on_epoch(row)
     if result.best_state:

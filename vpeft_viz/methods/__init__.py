@@ -19,6 +19,7 @@ from . import (  # noqa: F401  (registration: one line per method)
     baselines,
     dyt,
     e2vpt,
+    hst,
     lora,
     lowbit,
     sct,

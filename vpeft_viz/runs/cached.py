@@ -238,7 +238,7 @@ epoch) checks the recipe.
   (logistic regression on raw pixels, `python -m vpeft_viz pixels --store cached_runs`);
   it does not depend on the backbone, so regeneration keeps it.
 - `<task>-<method>-s<seed>/`: one run each (config, status, metrics, summary, eval).
-- Weights files larger than {WEIGHT_LIMIT_BYTES:,} bytes are not shipped (full fine-tuning):
+- Weights files larger than {WEIGHT_LIMIT_BYTES:,} bytes are not shipped (full fine-tuning, HST):
   such a run's `summary.json` still gives `weight_bytes` and says `"weights_shipped": false`.
 - Model selection: each run keeps the epoch with the best validation accuracy and reports
   its test accuracy once.

@@ -24,6 +24,7 @@ from . import (  # noqa: F401  (registration: one line per method)
     sct,
     spt,
     ssf,
+    velora,
     vpt,
 )
 from ._base import (

@@ -97,15 +97,17 @@ with tab_grad:
         target = None if pick == "both" else pick
         matrix, steps = ana.cosine_matrix(rec, target)
         st.plotly_chart(plots.cosine_heatmap(matrix, steps), key="velora-cos-map")
-        st.plotly_chart(plots.cosine_lines(ana.cosine_by_point(rec, target)),
+        st.plotly_chart(plots.cosine_lines(ana.cosine_by_point(rec, target), rec.sub_token),
                         key="velora-cos-lines")
         st.caption(f"At {len(steps)} points over the {rec.total_steps} training steps, a few "
                    "consecutive steps compare the down-projections' weight gradient VeLoRA "
                    "used with the exact one of the same step (the input gradients are exact, "
-                   "so both see the same upstream gradient). Cosine 1: same direction. The "
-                   "norm ratio shows how much of the gradient's size the projection keeps; "
-                   "the energy, how much of the sub-tokens lies along v. Step 1 is skipped: "
-                   "with LoRA's B still zero, A's gradient is zero.")
+                   "so both see the same upstream gradient). Cosine 1: same direction. "
+                   "VeLoRA's gradient is the exact one with each row's sub-tokens projected "
+                   "onto v, so its norm is the exact norm times the cosine (times "
+                   f"velora_scale = {rec.velora_scale:g}). Right: how much of the sub-tokens "
+                   "themselves lies along v. Step 1 is skipped: with LoRA's B still zero, A's "
+                   "gradient is zero.")
 
 with tab_kept:
     st.plotly_chart(plots.saved_breakdown(rec.breakdown()), key="velora-breakdown")

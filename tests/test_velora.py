@@ -233,6 +233,9 @@ def test_probing_does_not_change_the_update():
                                            abs=1e-5)
         assert res["ratio"] == pytest.approx(float(approx.norm() / exact.norm()), rel=1e-5)
         assert 0 < res["cos"] < 1
+        # the compressed gradient is the exact one projected (rows' sub-tokens onto v):
+        # ‖compressed‖ / ‖exact‖ = cosine, up to z's fp16 rounding
+        assert res["ratio"] == pytest.approx(res["cos"], rel=1e-3)
     s = x.reshape(-1, 4)
     z = (s @ vel.velora_v).half().float()
     assert energy["energy"] == pytest.approx(float((z ** 2).sum() / (s ** 2).sum()), rel=1e-4)
@@ -299,3 +302,27 @@ def test_a_run_records_memory_and_gradients_and_reloads_v(tmp_path):
     rebuilt = load_run_model(run)
     v = np.stack([m.velora_v.numpy() for m in velora_modules(rebuilt.model)])
     np.testing.assert_array_equal(v, art["v"])
+
+
+def test_memory_benchmark_smoke():
+    """benchmarks/velora_memory.py in its smoke configuration (embedded backbone, random
+    init, batch 4): the script runs end to end and its rows hold the exact difference."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("velora_memory", bench / "velora_memory.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        result = module.run(module.parse(["--smoke"]))
+    finally:
+        sys.path.remove(str(bench))
+    assert [r["groups"] for r in result["rows"]] == [8, 32, 128]
+    n = 4 * 65  # batch × tokens of the embedded backbone
+    for r in result["rows"]:
+        kept = r["saved_bytes_lora"] - r["saved_bytes_velora"]
+        assert kept == 6 * n * (128 * 4 - r["groups"] * 2)
+        assert "peak_step_bytes_velora" not in r

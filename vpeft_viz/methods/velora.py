@@ -79,11 +79,6 @@ def project(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return z.to(Z_DTYPE).view(-1, h.shape[-1] // v.numel())
 
 
-def reconstruct(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``ĥ = z·v``: (tokens, G) numbers back to (tokens, G·len(v)) vectors (float32)."""
-    return (z.float().unsqueeze(-1) * v.float()).flatten(-2)
-
-
 def compressed_weight_grad(g: torch.Tensor, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``Σ_n g_n ĥ_nᵀ`` with ``ĥ = z·v``, computed as ``(Σ_n g_n z_nᵀ) ⊗ v`` (no ĥ is built).
 

@@ -115,24 +115,27 @@ def cosine_heatmap(matrix: np.ndarray, steps: Sequence[float], *, what: str = "c
     return fig
 
 
-def cosine_lines(df: pd.DataFrame) -> go.Figure:
+def cosine_lines(df: pd.DataFrame, sub_token: int) -> go.Figure:
     """Per layer over training: cosine similarity of the compressed to the exact weight
-    gradient, their norm ratio, and the share of the sub-tokens' energy ``v`` captures."""
-    fig = make_subplots(rows=1, cols=3, subplot_titles=(
-        "cosine(compressed, exact)", "‖compressed‖ / ‖exact‖", "energy captured by v"),
-        horizontal_spacing=0.07)
+    gradient, and the share of the sub-tokens' energy along ``v`` (dotted: what a random
+    unit vector captures of isotropic sub-tokens, 1/sub-token width)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        "cosine(compressed, exact weight gradient)", "sub-tokens' energy along v"),
+        horizontal_spacing=0.08)
     layers = sorted(df["layer"].unique())
     colours = [f"hsl({int(240 - 240 * i / max(len(layers) - 1, 1))},60%,45%)"
                for i in range(len(layers))]
     for layer, colour in zip(layers, colours):
         d = df[df["layer"] == layer]
-        for c, key in enumerate(("cos", "ratio", "energy"), start=1):
+        for c, key in enumerate(("cos", "energy"), start=1):
             fig.add_trace(go.Scatter(x=d["step"], y=d[key], mode="lines+markers",
                                      name=f"layer {layer}", legendgroup=str(layer),
                                      showlegend=c == 1, line=dict(color=colour),
                                      hovertemplate=f"layer {layer}<br>step %{{x:.0f}}<br>"
                                      f"{key} %{{y:.3f}}<extra></extra>"), row=1, col=c)
+    fig.add_hline(y=1 / sub_token, line=dict(dash="dot", color="#888"), row=1, col=2,
+                  annotation_text=f"random direction: 1/{sub_token}", annotation_font_size=10)
     fig.update_xaxes(title="training step")
-    fig.update_yaxes(range=[0, 1.02], row=1, col=3)
+    fig.update_yaxes(range=[0, 1.02])
     fig.update_layout(height=360, margin=dict(t=40), legend=dict(orientation="h", y=-0.3))
     return fig

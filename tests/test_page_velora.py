@@ -103,3 +103,21 @@ def test_unusable_record_gives_an_error(with_runs):
     at = runs.set_value(next(o for o in runs.options if bad.id in o)).run()
     assert not at.exception
     assert any(f"Run {bad.id} has no usable VeLoRA record" in e.value for e in at.error)
+
+
+def test_page_on_the_shipped_cached_runs(stores, monkeypatch):
+    """The real cached_runs/ store: VeLoRA on every cached task at G = 32 and on digits at
+    G = 8 and 128 too; LoRA's shipped runs are the reference. The shipped records show
+    VeLoRA keeping fewer bytes than LoRA (the issue's done-when)."""
+    monkeypatch.setattr(run_stores, "CACHED_STORE", run_stores.REPO_ROOT / "cached_runs")
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    runs = at.selectbox(key="velora-run")
+    assert len(runs.options) >= 5 and all("shipped" in r for r in runs.options)
+    digits = next(o for o in runs.options if "digits-velora-s0" in o)
+    at = runs.set_value(digits).run()
+    assert not at.exception and not at.error
+    assert "% vs LoRA" in at.metric[1].delta and at.metric[1].delta.startswith("-")
+    sweep = at.get("plotly_chart")[0].proto.spec
+    assert all(f"G={g}" in sweep for g in (8, 32, 128)) and "LoRA (2 runs)" in sweep
+    assert "Only one G" not in text(at)

@@ -353,7 +353,8 @@ def measure_memory(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     measure_training_step`; the model's parameters and buffers apart, they live anyway). On
     CUDA also the allocator peak of forward + backward of each, after one unmeasured
     warm-up step (cuBLAS workspaces and the like are allocated once, in whichever step comes
-    first); elsewhere the forward alone (the count needs no backward). The VeLoRA step runs
+    first; measuring resets CUDA's peak statistics, so a run's own peak counts from its first
+    step); elsewhere the forward alone (the count needs no backward). The VeLoRA step runs
     before the LoRA one, so an unset ``v`` comes from this batch, as in training. Gradients
     are cleared afterwards. Keys: ``saved_bytes_{velora,lora}`` (beyond the parameters),
     ``saved_total_bytes_*``, ``saved_tensors_*``, on CUDA ``peak_step_bytes_*`` (above

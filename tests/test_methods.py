@@ -48,6 +48,8 @@ TINY_OVERRIDES: dict[str, dict] = {
     # generic tests cover every module kind SPT inserts (default: only linears are tuned).
     "spt-lora": {"budget_fraction": 0.2},
     "spt-adapter": {"budget_fraction": 0.2},
+    # G must divide the width: 16 sub-tokens of 3 (the default 32 fits 128 and 768, not 48).
+    "velora": {"groups": 16},
 }
 
 # Exact trainable counts on vit_base_patch16_224, head excluded, as each method declares them

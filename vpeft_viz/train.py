@@ -273,7 +273,7 @@ def fit(model: nn.Module, method: PeftMethod, train_loader, val_loader, num_clas
     A non-finite training or validation loss raises :class:`DivergedError` naming the epoch
     and step, before the optimiser step that would spread it into the weights.
     """
-    callbacks = list(callbacks)
+    callbacks = [*callbacks, *method.training_callbacks()]
     device = device or resolve_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
     model.to(device)

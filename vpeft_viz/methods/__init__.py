@@ -25,6 +25,7 @@ from . import (  # noqa: F401  (registration: one line per method)
     sct,
     spt,
     ssf,
+    velora,
     vpt,
 )
 from ._base import (

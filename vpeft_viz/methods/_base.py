@@ -137,6 +137,12 @@ class PeftMethod:
         """
         return fit_round()
 
+    def training_callbacks(self) -> list[Any]:
+        """Callbacks of the method's own that the engine runs beside the caller's during
+        :func:`vpeft_viz.train.fit` (``train.Callback``'s hooks, duck-typed: methods sit below
+        the engine). VeLoRA schedules its gradient probes from the step count they report."""
+        return []
+
     def training_loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                       criterion: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(images)

@@ -59,13 +59,18 @@ class LoRAQKV(PeftModule):
     def delta_weight(self, target: str) -> torch.Tensor:
         return self.scaling * self.lora_B[target] @ self.lora_A[target]
 
+    def down_projections(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """``h A_t^T`` for each target, in ``targets`` order (VeLoRA overrides it to keep
+        less of ``h`` for the weight gradients)."""
+        return [h @ self.lora_A[t].T for t in self.targets]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        h = self.dropout(x)
+        downs = self.down_projections(self.dropout(x))
         parts = list(out.split(self.dim, dim=-1))
-        for t in self.targets:
+        for t, d in zip(self.targets, downs):
             i = SLICES.index(t)
-            parts[i] = parts[i] + self.scaling * (h @ self.lora_A[t].T) @ self.lora_B[t].T
+            parts[i] = parts[i] + self.scaling * d @ self.lora_B[t].T
         return torch.cat(parts, dim=-1)
 
     def merged(self) -> nn.Linear:

@@ -1,0 +1,66 @@
+"""The ``local`` backend: the sweep's runs go on the store's job queue (``runs/queue.py``).
+
+Every run to do is created ``queued`` at once, so the dashboard shows the whole sweep from
+the start; the queue's workers (one per device slot: ``$VPEFT_VIZ_CPU_WORKERS`` CPU slots,
+one per GPU) execute them oldest first, each in a forked child (``runs/worker.py``). The
+driver only watches the store. Interrupting the driver stops the watching, not the runs:
+they stay on the queue (cancel them on the Train page).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .. import queue
+from ..store import FINISHED, RunStore
+from .plan import SweepPlan, create_run, snapshot
+
+MISSING_GIVE_UP_S = 60.0  # a run directory absent this long was removed: stop waiting for it
+
+
+def run_local(store: RunStore, plan: SweepPlan, *, progress: Callable[[dict], None],
+              poll_s: float = 0.5) -> dict[str, str]:
+    """Queue the plan's new and restarted runs, then wait for every planned run; returns
+    run id → final status."""
+    for item in plan.items:
+        if item.origin in ("new", "restarted"):
+            create_run(store, item)  # None: another driver created it first; watched all the same
+    labels = {i.run_id: i.run.label for i in plan.items}
+    waiting = [i.run_id for i in plan.items if i.origin != "kept"]
+    final = {i.run_id: "done" for i in plan.items if i.origin == "kept"}
+    missing_since: dict[str, float] = {}
+    while waiting:
+        queue.ensure_worker(store)  # a worker per free slot while runs wait
+        states = snapshot(store, waiting)
+        now = time.monotonic()
+        for run_id, state in states.items():
+            if state == "missing":
+                if now - missing_since.setdefault(run_id, now) < MISSING_GIVE_UP_S:
+                    continue
+            else:
+                missing_since.pop(run_id, None)
+            if state in FINISHED or state == "missing":
+                final[run_id] = state
+                waiting.remove(run_id)
+                progress(finished_event(store, run_id, labels[run_id], state))
+        progress({"kind": "tick", "states": {**final, **{r: states[r] for r in waiting}}})
+        if waiting:
+            time.sleep(poll_s)
+    return final
+
+
+def finished_event(store: RunStore, run_id: str, label: str, state: str,
+                   error: str | None = None) -> dict[str, Any]:
+    """What the driver reports when a run ends: its status, summary or error, attempt."""
+    event: dict[str, Any] = {"kind": "finished", "run_id": run_id, "label": label,
+                             "status": state, "summary": None, "error": error, "attempt": 1}
+    try:
+        run = store.get(run_id)
+        status = run.status()
+        event.update(summary=run.summary(), attempt=int(status.get("attempt") or 1))
+        event["error"] = error or status.get("error")
+    except Exception:  # noqa: BLE001 - a report, never a reason to stop the sweep
+        pass
+    return event

@@ -188,6 +188,32 @@ def test_ray_is_imported_only_by_the_ray_backend():
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
+def test_vpetl_cost_benchmark_smoke():
+    """benchmarks/vpetl_cost.py end to end on the embedded backbone (figures mean nothing)."""
+    import importlib.util
+
+    bench = ROOT / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("vpetl_cost", bench / "vpetl_cost.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        result = module.run(module.parse(["--smoke", "--methods", "linear", "lora",
+                                          "--peft-like", "lora"]))
+    finally:
+        sys.path.remove(str(bench))
+    rows = {r["method"]: r for r in result["rows"]}
+    # LoRA backpropagates through the frozen backbone; the linear probe does not
+    assert rows["lora"]["train_flops_per_image"] > 2 * rows["linear"]["train_flops_per_image"]
+    plan = result["plan"]
+    assert plan["runs"] == 25 * 24 * 3 and plan["costed_as"] == ["lora"]
+    a100 = plan["gpu_estimate"]["A100"]
+    assert a100["gpu_hours"] == pytest.approx(
+        plan["total_flops"] / (312e12 * 0.3) / 3600)
+    assert a100["gpus_for_24h"] >= 1 and plan["per_task"]["nabirds"]["images_trained"] == (
+        100 * 21_536)
+
+
 # -- the Sweeps view's maths ------------------------------------------------------------------
 def test_progress_and_best_setting_chosen_on_validation_only(tmp_path):
     write_fake_sweep(tmp_path)
@@ -259,15 +285,22 @@ SAME = ("val_acc", "test_acc", "test_loss", "best_epoch", "epochs_done", "traina
 def ray_cluster(monkeypatch):
     """A local Ray cluster with two worker processes (one CPU each), on the loopback
     interface only; shut down afterwards."""
+    # Ray's single-machine mode (its default on macOS): every process binds to 127.0.0.1, not
+    # to the machine's address. Read when Ray is imported, so set before, and patched too in
+    # case Ray was imported already.
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = pytest.importorskip(
         "ray", reason="Ray is not installed: pip install -r requirements-ray.txt "
         "(`make test` installs it)")
+    from ray._private import ray_constants
+
     from vpeft_viz.runs.sweep import ray_backend
 
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to 127.0.0.1 only
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths are limited
     ray_backend.connect(None, 1, num_cpus=2, _temp_dir=temp, object_store_memory=80 * 2**20,
                         log_to_driver=False)
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     yield ray
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)

@@ -68,9 +68,10 @@ def parallel_coordinates(runs: pd.DataFrame, axes: Sequence[str],
     fig = go.Figure(go.Parcoords(
         dimensions=dims,
         line=dict(color=100 * done[colour].to_numpy(float), colorscale="Viridis",
-                  showscale=True, colorbar=dict(title=ACCURACY_AXES[colour], thickness=12)),
+                  showscale=True, colorbar=dict(title=ACCURACY_AXES[colour], thickness=12,
+                                                x=1.04)),
     ))
-    fig.update_layout(height=420, margin=dict(l=60, r=60, t=50, b=30))
+    fig.update_layout(height=420, margin=dict(l=60, r=110, t=50, b=30))
     return fig
 
 

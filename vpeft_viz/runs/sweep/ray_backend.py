@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import REPO_ROOT
 from ..store import FINISHED, RunStore
-from .local import finished_event
+from .local import finished_event, tick_s
 from .plan import SweepPlan, claim_queued, create_run, execute_claimed, snapshot
 from .spec import RayOptions
 
@@ -122,6 +122,7 @@ def _submit_and_wait(ray, store: RunStore, plan: SweepPlan, owner: str,
         elif item.origin != "kept":
             watched.append(item.run_id)
     pending = list(refs)
+    next_tick = 0.0
     try:
         while pending or watched:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s) \
@@ -137,8 +138,10 @@ def _submit_and_wait(ray, store: RunStore, plan: SweepPlan, owner: str,
                     progress(finished_event(store, run_id, labels[run_id], state))
             if not pending and watched:
                 time.sleep(poll_s)
-            live = snapshot(store, [refs[r] for r in pending] + watched)
-            progress({"kind": "tick", "states": {**final, **live}})
+            if time.monotonic() >= next_tick:  # every planned run's status.json: throttled
+                live = snapshot(store, [refs[r] for r in pending] + watched)
+                progress({"kind": "tick", "states": {**final, **live}})
+                next_tick = time.monotonic() + tick_s(len(live))
     except BaseException:  # Ctrl-C or an error: stop this sweep's tasks, record why
         for ref in pending:
             ray.cancel(ref, force=True)
@@ -157,7 +160,8 @@ def _outcome(ray, store: RunStore, ref, run_id: str, opts: RayOptions) -> tuple[
         if state in FINISHED:
             return state, None
         cause = getattr(e, "cause", None) or e  # raised before the run started
-        why = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+        text = str(cause).strip()
+        why = f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"
         _fail_unfinished(store, run_id, why)
         return "failed", why
     except ray.exceptions.RayError as e:  # worker or node died on every attempt

@@ -61,6 +61,16 @@ def test_example_spec_expands_in_grid_order():
     assert spec.ray.num_cpus == 1 and spec.ray.num_gpus == 0 and spec.ray.max_retries == 2
 
 
+def test_the_documented_spec_parses():
+    text = (ROOT / "docs" / "sweeps.md").read_text()
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    import tomllib
+
+    spec = parse_spec(tomllib.loads(block), source="docs/sweeps.md")
+    assert spec.methods == ["linear", "lora"] and spec.ray.num_gpus == 0.25
+    assert spec.tasks[:2] == ["embedded:digits", "embedded:count"]
+
+
 def test_run_ids_follow_the_recipe_not_the_versions():
     a, b = expand(parse_spec(dict(tasks=["digits"], methods=["lora"], seeds=[3], name="x")))[0], \
         expand(parse_spec(dict(tasks=["embedded:digits"], methods=["lora"], seeds=[3],

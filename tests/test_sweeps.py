@@ -71,6 +71,20 @@ def test_the_documented_spec_parses():
     assert spec.tasks[:2] == ["embedded:digits", "embedded:count"]
 
 
+def test_relative_folders_are_relative_to_the_spec_file(tmp_path, monkeypatch):
+    from conftest import write_vtab_task
+
+    write_vtab_task(tmp_path / "specs" / "colours", sizes=(6, 3, 3))
+    path = tmp_path / "specs" / "s.toml"
+    path.write_text('tasks = ["colours"]\nmethods = ["linear"]\nseeds = [0]\n'
+                    'pretrained = false\ncheckpoint = "w.safetensors"\n')
+    monkeypatch.chdir(tmp_path)  # not where the spec is
+    spec = load_spec(path)
+    assert spec.tasks == [str(tmp_path / "specs" / "colours")]
+    assert spec.checkpoint == str(tmp_path / "specs" / "w.safetensors")
+    assert spec.name == "s"
+
+
 def test_run_ids_follow_the_recipe_not_the_versions():
     a, b = expand(parse_spec(dict(tasks=["digits"], methods=["lora"], seeds=[3], name="x")))[0], \
         expand(parse_spec(dict(tasks=["embedded:digits"], methods=["lora"], seeds=[3],
@@ -326,7 +340,7 @@ def _wait_for_local_workers(store: RunStore) -> None:
 @pytest.mark.ray
 @pytest.mark.timeout(400)
 def test_ray_sweep_matches_the_local_queue_and_survives_a_killed_worker(
-        tmp_path, monkeypatch, ray_cluster):
+        tmp_path, monkeypatch, capsys, ray_cluster):
     spec_path = write_spec(tmp_path, CLUSTER_SPEC)
     # One CPU thread per local run, as each Ray run has (the same arithmetic, bit for bit).
     monkeypatch.setenv(queue.CPU_WORKERS_ENV, str(max(2, len(os.sched_getaffinity(0)))))
@@ -377,11 +391,24 @@ def test_ray_sweep_matches_the_local_queue_and_survives_a_killed_worker(
 
     # Running either sweep again adds nothing.
     before = sorted(os.listdir(store.root)), sorted(os.listdir(local.root))
-    again = run_sweep(spec_path, store, backend="ray")
-    assert again.plan.count("kept") == 6 and set(again.final.values()) == {"done"}
+    capsys.readouterr()
+    assert cli_main(["sweep", str(spec_path), "--backend", "ray", "--store",
+                     str(store.root)]) == 0
+    out = capsys.readouterr()
+    assert "6 runs planned, 6 already done, 0 in progress, 0 to run (ray)" in out.err
+    assert out.out.startswith("sweep determinism: 6 done; 0 retried")
     again = run_sweep(spec_path, local, backend="local")
     assert again.plan.count("kept") == 6
     assert (sorted(os.listdir(store.root)), sorted(os.listdir(local.root))) == before
     manifest = read_manifest(store.root / ".sweeps" / "determinism.json")
     assert manifest["backend"] == "ray" and len(manifest["runs"]) == 6
     assert {e["origin"] for e in manifest["runs"]} == {"new"}
+
+    # A request no node can meet is refused instead of waiting forever.
+    from vpeft_viz.runs.sweep.ray_backend import RayBackendError, check_resources
+    from vpeft_viz.runs.sweep.spec import RayOptions
+
+    with pytest.raises(RayBackendError, match="num_gpus = 0.5 but no node"):
+        check_resources(RayOptions(num_cpus=1, num_gpus=0.5))
+    with pytest.raises(RayBackendError, match="num_cpus = 3 but no node"):
+        check_resources(RayOptions(num_cpus=3))

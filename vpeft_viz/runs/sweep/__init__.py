@@ -43,7 +43,8 @@ class SweepResult:
     name: str
     plan: SweepPlan
     final: dict[str, str] = field(default_factory=dict)  # run id → status
-    attempts: dict[str, int] = field(default_factory=dict)  # run id → attempts (> 1: retried)
+    # run id → attempts, of the runs this pass ran or waited for (> 1: retried)
+    attempts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     def counts(self) -> dict[str, int]:
@@ -109,7 +110,8 @@ def run_sweep(spec: SweepSpec | str | Path, store: RunStore, *, backend: str = "
                                    progress=emit, num_cpus=num_cpus)
     finally:
         result.seconds = time.time() - start
-        result.attempts = _attempts(store, [i.run_id for i in plan.items])
+        result.attempts = _attempts(store, [i.run_id for i in plan.items
+                                            if i.origin != "kept"])
         try:
             mark_finished(store.root, spec.name, {"final": result.counts(),
                                                    "seconds": round(result.seconds, 1)})

@@ -9,7 +9,7 @@
     backbones = ["vit_tiny_patch4_32_vpeft"]   # optional (default: the embedded backbone)
     pretrained = true                    # optional, like train's --random-init inverted
     normalization = "backbone"           # optional
-    checkpoint = "/path/weights.safetensors"  # optional (offline weights)
+    checkpoint = "weights.safetensors"   # optional (offline weights; relative to this file)
 
     [train]                              # like --train-set; a list is a grid axis
     epochs = 10
@@ -132,7 +132,8 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise SpecError(f"cannot read sweep spec {path}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
-    return parse_spec(raw, source=str(path), default_name=path.stem)
+    return parse_spec(raw, source=str(path), default_name=path.stem,
+                      base=path.resolve().parent)
 
 
 def _list(raw: dict[str, Any], key: str, where: str, kind: type | tuple[type, ...],
@@ -178,22 +179,35 @@ def _grid(table: Any, where: str) -> dict[str, list[Any]]:
     return out
 
 
-def _data_spec(task: str, where: str) -> str:
-    """``digits`` → ``embedded:digits`` when it names an embedded task; else as given."""
+def _path(value: str, base: Path | None) -> str:
+    """A path of the spec, absolute: a relative one is relative to the spec file's folder
+    (every node of a cluster then reads the same absolute path)."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    return str(path.resolve()) if base is not None else value
+
+
+def _data_spec(task: str, where: str, base: Path | None) -> str:
+    """``digits`` → ``embedded:digits`` when it names an embedded task; a folder → its
+    absolute path."""
     from ...data.embedded import EMBEDDED_TASKS, OPTIONAL_TASKS
 
-    if ":" not in task and "/" not in task and (task in EMBEDDED_TASKS or task in OPTIONAL_TASKS):
+    if task.startswith("embedded:"):
+        return task
+    if "/" not in task and (task in EMBEDDED_TASKS or task in OPTIONAL_TASKS):
         return f"embedded:{task}"
-    if ":" not in task and "/" not in task and not Path(task).exists():
+    if "/" not in task and not (base or Path()).joinpath(task).exists():
         names = ", ".join([*EMBEDDED_TASKS, *OPTIONAL_TASKS])
         raise SpecError(f"{where}: task {task!r} is neither an embedded task ({names}) nor a "
                         "folder")
-    return task
+    return _path(task, base)
 
 
-def parse_spec(raw: dict[str, Any], *, source: str = "<spec>",
-               default_name: str | None = None) -> SweepSpec:
-    """Check a spec read from TOML (a dict) and return it; nothing is built yet."""
+def parse_spec(raw: dict[str, Any], *, source: str = "<spec>", default_name: str | None = None,
+               base: Path | None = None) -> SweepSpec:
+    """Check a spec read from TOML (a dict) and return it; nothing is built yet. Relative
+    folder and checkpoint paths are taken relative to ``base`` (the spec file's folder)."""
     from ...methods import method_names
 
     unknown = sorted(set(raw) - set(TOP_KEYS))
@@ -204,7 +218,7 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>",
     if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
         raise SpecError(f"{source}: name must be letters, digits, '.', '_' or '-' (starting "
                         f"with a letter or digit); got {name!r}")
-    tasks = [_data_spec(t, source) for t in _list(raw, "tasks", source, str)]
+    tasks = [_data_spec(t, source, base) for t in _list(raw, "tasks", source, str)]
     methods = _list(raw, "methods", source, str)
     known = method_names()
     for m in methods:
@@ -223,6 +237,8 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>",
     for key, value in (("normalization", normalization), ("checkpoint", checkpoint)):
         if value is not None and not isinstance(value, str):
             raise SpecError(f"{source}: {key} must be a string; got {value!r}")
+    if checkpoint is not None:
+        checkpoint = _path(checkpoint, base)
 
     train = _grid(raw.get("train", {}), f"{source}: [train]")
     if "seed" in train:

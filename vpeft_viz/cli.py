@@ -209,6 +209,52 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .runs.store import RunStore
+    from .runs.sweep import run_sweep
+
+    if _shipped_store(args.store):
+        raise ValueError(f"--store {args.store} is the shipped cached_runs/ store, which is "
+                         "read-only; pick another --store")
+    if args.address is not None and args.backend != "ray":
+        raise ValueError("--address is for --backend ray")
+    seen = {"planned": 0, "ended": 0}
+
+    def progress(event: dict) -> None:
+        if event["kind"] == "plan":
+            plan = event["plan"]
+            todo = plan.count("new") + plan.count("restarted")
+            seen.update(planned=len(plan.items), ended=plan.count("kept"))
+            print(f"sweep {plan.spec.name}: {len(plan.items)} runs planned, "
+                  f"{plan.count('kept')} already done, {plan.count('in progress')} in "
+                  f"progress, {todo} to run ({args.backend}) in {args.store}", file=sys.stderr)
+            if args.dry_run:
+                for item in plan.items:
+                    print(f"  {item.origin:<11} {item.run_id}  {item.run.label}",
+                          file=sys.stderr)
+        elif event["kind"] == "finished":
+            seen["ended"] += 1
+            summ = event.get("summary") or {}
+            acc = (f"val {summ['val_acc']:.4f} test {summ['test_acc']:.4f}"
+                   if summ.get("test_acc") is not None else (event.get("error") or ""))
+            again = f" (attempt {event['attempt']})" if event.get("attempt", 1) > 1 else ""
+            print(f"[{seen['ended']}/{seen['planned']}] {event['label']}: {event['status']}"
+                  f"{again} {acc}".rstrip(), file=sys.stderr)
+
+    result = run_sweep(args.spec, RunStore(args.store), backend=args.backend,
+                       address=args.address, num_cpus=args.num_cpus, dry_run=args.dry_run,
+                       progress=progress)
+    summary = result.summary()
+    if args.json:
+        _print_json(summary)
+    elif not args.dry_run:
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(summary["final"].items()))
+        print(f"sweep {result.name}: {counts or 'nothing planned'}; "
+              f"{len(summary['retried'])} retried; {summary['seconds']:.0f} s")
+    bad = sum(n for state, n in summary["final"].items() if state != "done")
+    return 1 if bad and not args.dry_run else 0
+
+
 def cmd_cache_runs(args: argparse.Namespace) -> int:
     from .runs.cached import main as regenerate_main
 
@@ -375,6 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "reference lives in cached_runs/")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_pixels)
+
+    s = sub.add_parser("sweep", help="methods × tasks × seeds × settings from a TOML spec, "
+                       "locally or on a Ray cluster (docs/sweeps.md)")
+    s.add_argument("spec", type=Path, help="sweep spec (TOML)")
+    s.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: the store's job queue; ray: one Ray task per run")
+    s.add_argument("--address", default=None,
+                   help="Ray cluster to join (auto: the one `ray start` runs here; default: "
+                   "start a local Ray instance)")
+    s.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the local Ray instance (without --address; default: all)")
+    s.add_argument("--store", type=Path, default=DEFAULT_STORE,
+                   help="run store (on a cluster: a path every node mounts)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the plan (kept / to run) and write nothing")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("cache-runs", help="regenerate the shipped cached_runs/ store",
                        add_help=False)

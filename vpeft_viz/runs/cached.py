@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import CACHED_STORE, PIXEL_REFERENCE_FILE
+from .recipe import same_recipe
 from .store import RunStore, atomic_write_bytes, atomic_write_json, read_json
 
 # The whole shipped set: every registered method, with the seeds its class declares
@@ -86,20 +87,15 @@ def _run_config(spec: dict[str, Any], pretrained: bool, device: str = "auto") ->
                                   "device": device})
 
 
-# What must match for a stored run to be kept: what the recipe asks for, with today's method
-# and training defaults filled in (so a run made under an older default is redone).
-_KEPT_IF_EQUAL = ("method", "method_config", "backbone", "train")
-
-
 def _finished(store: RunStore, spec: dict[str, Any], pretrained: bool,
               device: str = "auto") -> bool:
-    """A stored run that is exactly what the recipe would create now, and done."""
+    """A stored run that is exactly what the recipe would create now, and done: the same
+    recipe (``runs/recipe.py``), with today's method and training defaults filled in (so a
+    run made under an older default is redone)."""
     try:
         run = store.get(spec["run_id"])
-        cfg, want = run.config, _run_config(spec, pretrained, device)
         return (run.status().get("status") == "done" and run.summary() is not None
-                and cfg["data"]["spec"] == want["data"]["spec"]
-                and all(cfg.get(k) == want[k] for k in _KEPT_IF_EQUAL))
+                and same_recipe(run.config, _run_config(spec, pretrained, device)))
     except Exception:
         return False
 

@@ -69,8 +69,12 @@ def versions() -> dict[str, str]:
 def make_run_config(*, method: str, data: str, backbone: str | None = None,
                     method_config: dict[str, Any] | None = None,
                     train: dict[str, Any] | None = None, checkpoint: str | None = None,
-                    pretrained: bool = True, normalization: str = "backbone") -> dict[str, Any]:
-    """A validated, JSON-able run configuration (what ``config.json`` holds)."""
+                    pretrained: bool = True, normalization: str = "backbone",
+                    data_warnings: list[str] | None = None) -> dict[str, Any]:
+    """A validated, JSON-able run configuration (what ``config.json`` holds).
+
+    ``data_warnings``: what ``check_task_files(data, seed=...)`` returned for this data and
+    seed, when the caller checked it already (a sweep checks each task once, not per run)."""
     m = create_method(method, method_config)
     t = TrainConfig.from_dict(train)
     if normalization not in NORMALIZATIONS:
@@ -83,7 +87,8 @@ def make_run_config(*, method: str, data: str, backbone: str | None = None,
         raise ConfigError(f"backbone: {e}") from None
     # Every image of every split is decoded now, before a run directory exists, so a broken
     # file is named with its split file and line instead of failing the run after training.
-    warnings = check_task_files(data, seed=t.seed)
+    warnings = (check_task_files(data, seed=t.seed) if data_warnings is None
+                else list(data_warnings))
     name = data.split(":", 1)[1] if data.startswith("embedded:") else Path(data).name
     data_cfg: dict[str, Any] = {"spec": data, "name": name, "normalization": normalization}
     if warnings:

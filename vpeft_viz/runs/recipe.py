@@ -1,0 +1,42 @@
+"""When two runs are the same experiment: the recipe of a run config and its hash.
+
+A run config (``execute.make_run_config``) records what was asked and also where and with
+what it ran (``versions``, data ``warnings``, the data's display name). Two configs are the
+same experiment when their *recipes* are equal: the method and every one of its settings,
+the backbone (name, pretrained, checkpoint), the data (spec and normalisation) and the whole
+training recipe, seed and device included. Configs are built with today's defaults filled
+in, so a run made under an older default is a different recipe.
+
+``cached.py`` keeps a shipped run only when its recipe equals what the recipe would create
+now; a sweep (``runs/sweep``) skips a planned run when a finished run of the store has the
+same :func:`config_hash`. Format: docs/run-store.md ("Sweeps").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+RECIPE_FIELDS = ("method", "method_config", "backbone", "train")  # whole entries of config.json
+DATA_FIELDS = ("spec", "normalization")  # the entries of config["data"] that define the data
+
+
+def recipe(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a run config that defines the experiment (see the module docstring)."""
+    data = config.get("data") or {}
+    out = {k: config.get(k) for k in RECIPE_FIELDS}
+    out["data"] = {k: data.get(k) for k in DATA_FIELDS}
+    return out
+
+
+def same_recipe(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return recipe(a) == recipe(b)
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the recipe as canonical JSON: equal for the same experiment."""
+    text = json.dumps(recipe(config), sort_keys=True, separators=(",", ":"), allow_nan=False,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

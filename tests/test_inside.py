@@ -340,9 +340,9 @@ def _preds(pred, labels=(0, 1, 2, 0, 1)):
 def test_filters_select_the_right_images():
     p = {"a": _preds([0, 2, 2, 1, 1]), "b": _preds([1, 1, 2, 1, 0])}
     assert ex.select(p, "all").tolist() == [0, 1, 2, 3, 4]
-    assert ex.select(p, "a_not_b", a="a", b="b").tolist() == [1]
-    assert ex.select(p, "a_not_b", a="b", b="a").tolist() == [0, 4]
-    assert ex.select(p, "all_wrong").tolist() == [3]
+    assert ex.select(p, "A-not-B", a="a", b="b").tolist() == [1]
+    assert ex.select(p, "A-not-B", a="b", b="a").tolist() == [0, 4]
+    assert ex.select(p, "all-wrong").tolist() == [3]
     assert ex.select(p, "class", true=0).tolist() == [0, 3]
     assert ex.select(p, "cell", true=0, predicted=1).tolist() == [0, 3]
     assert ex.select(p, "cell", true=0, predicted=1, by="a").tolist() == [3]

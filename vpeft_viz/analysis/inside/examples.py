@@ -30,12 +30,12 @@ STORED = "predictions.npz"  # written by the run's test phase (runs/execute.py)
 RECORD = "predictions.npz"  # recomputed from the weights, in the record folder
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
-FILTERS = {
+FILTERS = {  # key (what the URL holds) → what it shows
     "all": "every test image",
-    "a_not_b": "misclassified by A but not by B",
-    "all_wrong": "wrong for every chosen run",
+    "A-not-B": "misclassified by A, not by B",
+    "all-wrong": "wrong for every chosen run",
     "class": "one true class",
-    "cell": "a confusion cell (true → predicted)",
+    "cell": "a confusion cell: true → predicted",
 }
 ANY_RUN = "any"  # the confusion-cell filter on any of the chosen runs
 
@@ -186,11 +186,11 @@ def select(preds: Mapping[str, Predictions], kind: str, *, a: str | None = None,
     labels = first.labels
     if kind == "all":
         keep = np.ones(n, dtype=bool)
-    elif kind == "a_not_b":
+    elif kind == "A-not-B":
         if a not in preds or b not in preds:
             raise ValueError("pick two of the chosen runs as A and B")
         keep = ~preds[a].correct & preds[b].correct
-    elif kind == "all_wrong":
+    elif kind == "all-wrong":
         keep = np.logical_and.reduce([~p.correct for p in preds.values()])
     elif kind == "class":
         keep = labels == _class(true, first)

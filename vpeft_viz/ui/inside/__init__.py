@@ -118,12 +118,14 @@ def pick_runs(runs: list[InsideRun]) -> tuple[str, list[InsideRun]]:
                         key="task", bind="query-params")
     on_task = [r for r in runs if r.task == task]
     by_id = {r.run_id: r for r in on_task}
+    _sync_runs(by_id, default_runs(on_task))
     chosen_ids = c2.multiselect(
-        "Runs (methods, seeds)", list(by_id), default=default_runs(on_task),
-        format_func=lambda i: by_id[i].label + ("" if by_id[i].source == "user" else
-                                                " · shipped"),
-        max_selections=MAX_RUNS, key="runs", bind="query-params",
-        help="Finished runs on this task, shipped (cached_runs/) and yours.")
+        "Runs (methods, seeds)", list(by_id), format_func=lambda i: by_id[i].label + (
+            "" if by_id[i].source == "user" else " · shipped"),
+        max_selections=MAX_RUNS, key="runs", help="Finished runs on this task, shipped "
+        "(cached_runs/) and yours.")
+    st.query_params["runs"] = chosen_ids  # the URL names runs by id (shareable links)
+    st.session_state[_RUNS_URL] = list(chosen_ids)
     chosen = [by_id[i] for i in chosen_ids]
     without = [r for r in chosen if not r.has_weights]
     if without:
@@ -134,6 +136,24 @@ def pick_runs(runs: list[InsideRun]) -> tuple[str, list[InsideRun]]:
                 "now also store their test predictions, so their examples show without "
                 "weights.", icon=":material/info:")
     return task, chosen
+
+
+_RUNS_URL = "inside-runs-url"  # the runs this page last wrote into the URL
+
+
+def _sync_runs(by_id: dict[str, InsideRun], default: list[str]) -> None:
+    """Set the run picker's value: the URL's ``runs`` when it was set from outside (a link),
+    else what the picker held (if all on this task), else ``default``.
+
+    Not ``bind="query-params"``: with a ``format_func`` the URL would hold the labels."""
+    url = [i for i in st.query_params.get_all("runs") if i in by_id]
+    held = st.session_state.get("runs")
+    if url and url != st.session_state.get(_RUNS_URL):
+        st.session_state["runs"] = url[:MAX_RUNS]
+    elif held is not None and set(held) <= set(by_id):
+        pass
+    else:
+        st.session_state["runs"] = [i for i in (held or []) if i in by_id] or default
 
 
 def compare_link(task: str) -> None:

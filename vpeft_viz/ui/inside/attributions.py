@@ -22,8 +22,8 @@ def attributions_view(task: str, chosen: list[InsideRun]) -> None:
     c1, c2, c3 = st.columns(3)
     index = int(c1.number_input(f"Test image # (0–{n_test - 1})", 0, n_test - 1, 0,
                                 key="image", bind="query-params"))
-    target = c2.radio("Attribute", list(attr.TARGETS), format_func=attr.TARGETS.get,
-                      key="target", bind="query-params")
+    target = c2.radio("Attribute the class", list(attr.TARGETS),
+                      captions=list(attr.TARGETS.values()), key="target", bind="query-params")
     block = c3.selectbox("Layer IG at the input of block", list(range(1, depth)),
                          index=depth - 2, key="block",
                          help="Tokens entering this block; the last block's input by default")

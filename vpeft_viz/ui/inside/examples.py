@@ -58,16 +58,17 @@ def examples_view(task: str, chosen: list[InsideRun]) -> None:
             note = ex.agreement(preds[r.run_id], r.path)
             if note:
                 st.warning(f"{r.label}: {note}.", icon=":material/warning:")
-    kind = st.radio("Show", list(ex.FILTERS), format_func=ex.FILTERS.get, horizontal=True,
-                    key="filter", bind="query-params")
-    keys = list(preds)
+    # options are the values the URL holds (a format_func would put its labels there)
+    kind = st.radio("Show", list(ex.FILTERS), captions=list(ex.FILTERS.values()),
+                    horizontal=True, key="filter", bind="query-params")
+    by_label = {labels[k]: k for k in preds}
     args: dict[str, Any] = {}
-    if kind == "a_not_b":
+    if kind == "A-not-B":
         c1, c2 = st.columns(2)
-        args["a"] = c1.selectbox("A (wrong)", keys, format_func=labels.get, key="a",
-                                 bind="query-params")
-        args["b"] = c2.selectbox("B (right)", keys, index=min(1, len(keys) - 1),
-                                 format_func=labels.get, key="b", bind="query-params")
+        a = c1.selectbox("A (wrong)", list(by_label), key="a", bind="query-params")
+        b = c2.selectbox("B (right)", list(by_label), index=min(1, len(by_label) - 1),
+                         key="b", bind="query-params")
+        args.update(a=by_label[a], b=by_label[b])
     if kind in ("class", "cell"):
         cols = st.columns(3)
         true = cols[0].selectbox("True class", options, key="true", bind="query-params")
@@ -76,9 +77,9 @@ def examples_view(task: str, chosen: list[InsideRun]) -> None:
             pred = cols[1].selectbox("Predicted class", options, key="pred",
                                      bind="query-params")
             args["predicted"] = options.index(pred)
-            args["by"] = cols[2].selectbox(
-                "Predicted by", [ex.ANY_RUN, *keys], key="by", bind="query-params",
-                format_func=lambda k: "any chosen run" if k == ex.ANY_RUN else labels[k])
+            by = cols[2].selectbox("Predicted by (any: the chosen runs' cells summed)",
+                                   [ex.ANY_RUN, *by_label], key="by", bind="query-params")
+            args["by"] = by_label.get(by, ex.ANY_RUN)
     try:
         shown = ex.select(preds, kind, **args)
     except ValueError as e:

@@ -31,6 +31,7 @@ if not runs:
     method_views.new_run_form(tuple(method_names()), key="inside-new")
     st.stop()
 
+ui.apply_opened_view()  # e.g. a confusion cell clicked on Compare
 task, chosen = ui.pick_runs(runs)
 ui.compare_link(task)
 if not chosen:

@@ -195,7 +195,8 @@ def confusion_heatmap(confusion: np.ndarray, class_names: Sequence[str], *,
             x=[names[j] for j in q.ravel()], y=[names[i] for i in t.ravel()], mode="markers",
             marker=dict(symbol="square", size=max(6, min(40, 360 // max(len(names), 1))),
                         color="rgba(0,0,0,0)"),
-            customdata=np.stack([t.ravel(), q.ravel(), counts.ravel(), z.ravel()], -1),
+            # plain lists: the page's own scripts (and tests) read them back from the chart
+            customdata=np.stack([t.ravel(), q.ravel(), counts.ravel(), z.ravel()], -1).tolist(),
             hovertemplate=hover, showlegend=False, name="cells"))
     fig.update_layout(title=title, xaxis_title="predicted class", yaxis_title="true class",
                       xaxis_type="category", yaxis_type="category",

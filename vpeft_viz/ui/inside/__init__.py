@@ -139,6 +139,7 @@ def pick_runs(runs: list[InsideRun]) -> tuple[str, list[InsideRun]]:
 
 
 _RUNS_URL = "inside-runs-url"  # the runs this page last wrote into the URL
+_OPENED = "inside-opened-view"  # a view another page opened this one on
 
 
 def _sync_runs(by_id: dict[str, InsideRun], default: list[str]) -> None:
@@ -169,13 +170,31 @@ def inside_link(task: str, run_ids: list[str], label: str, **extra: str) -> None
 
 def open_confusion_cell(event: Any, class_names: list[str], *, task: str,
                         run_ids: list[str]) -> None:
-    """Compare's confusion matrix: a clicked cell opens its images here."""
+    """Compare's confusion matrix: a clicked cell opens its images here.
+
+    The view travels in the session, not in ``switch_page``'s query parameters: Streamlit
+    refuses to set parameters that widgets of the current page are bound to (Compare's
+    ``task`` and ``tab``). :func:`apply_opened_view` sets the pickers on arrival, and
+    their bindings write the view into the URL."""
     points = (event or {}).get("selection", {}).get("points", []) if event else []
     query = ex.cell_query(points, class_names, task=task, run_ids=run_ids)
     if query is None:
         return
+    st.session_state[_OPENED] = query
     try:
-        st.switch_page(f"pages/{PAGE}", query_params=query)
+        st.switch_page(f"pages/{PAGE}")
     except StreamlitAPIException:  # a page run alone knows no other page
+        st.session_state.pop(_OPENED, None)
         inside_link(task, run_ids, "Open the images of this cell", **{
             k: v for k, v in query.items() if k not in ("task", "runs")})
+
+
+def apply_opened_view() -> None:
+    """Set the pickers to the view another page opened this one on (see
+    :func:`open_confusion_cell`); called before any of them is drawn."""
+    query = st.session_state.pop(_OPENED, None)
+    if not query:
+        return
+    for key, value in query.items():
+        st.session_state[key] = value
+    st.session_state[_RUNS_URL] = list(query.get("runs", []))

@@ -84,6 +84,10 @@ def test_examples_on_a_read_only_store(cached, stores):
     assert "(image, run) pairs" in texts(at) and "true **1**, predicted **1**" in texts(at)
     at.radio(key="filter").set_value("A-not-B").run()
     assert not at.exception
+    at.radio(key="filter").set_value("all").run()
+    [b for b in at.button if b.label == "Attributions"][3].click().run()  # image #3's button
+    assert not at.exception, at.exception
+    assert "Test image **#3**" in texts(at) and len(at.get("plotly_chart")) == 1
     assert _files(cached) == before  # the shipped store is never written into
     (kept,) = (stores / "cache" / "inside" / "runs").iterdir()  # LoRA's, recomputed
     assert kept.name.startswith("colours-lora-s0-")

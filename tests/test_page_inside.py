@@ -89,8 +89,11 @@ def test_examples_on_a_read_only_store(cached, stores):
     assert not at.exception, at.exception
     assert "Test image **#3**" in texts(at) and len(at.get("plotly_chart")) == 1
     assert _files(cached) == before  # the shipped store is never written into
-    (kept,) = (stores / "cache" / "inside" / "runs").iterdir()  # LoRA's, recomputed
-    assert kept.name.startswith("colours-lora-s0-")
+    kept = {d.name.rsplit("-", 1)[0]: sorted(f.name for f in d.iterdir())
+            for d in (stores / "cache" / "inside" / "runs").iterdir()}  # in the user cache
+    assert kept["colours-lora-s0"][-1] == "predictions.npz"  # recomputed: not stored
+    assert "predictions.npz" not in kept["colours-vpt-deep-s0"]  # its test phase stored it
+    assert all(any(f.startswith("attributions-test3-") for f in v) for v in kept.values())
 
 
 def test_attributions_and_network_on_a_read_only_store(cached):

@@ -98,7 +98,7 @@ def examples_view(task: str, chosen: list[InsideRun]) -> None:
                  hide_index=True)
     if not len(shown):
         return
-    gallery(task, chosen, preds, labels, shown)
+    gallery(chosen, preds, labels, shown)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -108,13 +108,15 @@ def _task(spec: str, seed: int):
     return resolve_data(spec, seed=seed)
 
 
-def gallery(task: str, chosen: list[InsideRun], preds: dict[str, ex.Predictions],
+def gallery(chosen: list[InsideRun], preds: dict[str, ex.Predictions],
             labels: dict[str, str], shown: np.ndarray) -> None:
     """The filtered test images, a page at a time, each with every run's prediction."""
     run = next(r for r in chosen if r.run_id in preds)
     cfg = mdl.run_config(run.path)
     samples = _task(cfg["data"]["spec"], int(cfg["train"]["seed"])).splits["test"]
     pages = max(1, -(-len(shown) // PAGE_SIZE))
+    if st.session_state.get("page", 1) > pages:  # another filter left fewer pages
+        st.session_state["page"] = 1
     page = st.number_input(f"Page (of {pages}, {PAGE_SIZE} images each)", 1, pages, 1,
                            key="page") if pages > 1 else 1
     picked = shown[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]

@@ -23,7 +23,8 @@ def network_view(task: str, chosen: list[InsideRun]) -> None:
     n_test = len(view_model(able[0]).task.splits["test"])
     sets = [n for n in IMAGE_SETS if n < n_test] + [n_test]
     images = st.select_slider("Test images (the first ones of the split)", sets,
-                              value=500 if 500 in sets else sets[-1], key="images")
+                              value=500 if 500 in sets else sets[-1], key="images",
+                              bind="query-params")
     settings = net.NetworkSettings(images=int(images))
     groups: dict[str, list[InsideRun]] = {}
     for r in able:
@@ -36,16 +37,16 @@ def network_view(task: str, chosen: list[InsideRun]) -> None:
     if missing:
         st.warning(f"{len(missing)} run(s) not measured on these {images} images yet: "
                    + ", ".join(r.label for r in missing) + ". One pass over the images "
-                   "through the frozen backbone and each run (docs/inside.md gives timings).",
+                   "through the frozen backbone and each run, then kept.",
                    icon=":material/hourglass_empty:")
         if st.button(f"Measure {len(missing)} run(s) now", key="inside-measure",
-                     type="primary"):
-            _measure(missing, settings, groups)
+                     type="primary") and _measure(missing, settings, groups) == 0:
             st.rerun()
     done = {r.run_id: nets[r.run_id] for r in able if nets[r.run_id] is not None}
     if not done:
         return
     by_id = {r.run_id: r for r in able}
+    names = mdl.class_names(view_model(able[0]).task)
     layers = next(iter(done.values()))["layers"]
     what = st.radio("CKA of", ["tokens", "CLS"], horizontal=True, key="cka-of",
                     format_func={"tokens": "every image token", "CLS": "the CLS token"}.get)
@@ -57,14 +58,16 @@ def network_view(task: str, chosen: list[InsideRun]) -> None:
                "representations of the same test images, layer by layer (1: the layer "
                "represents the images as before, up to a rotation and scale). Tokens: every "
                "image token is an example (prompt tokens excluded); CLS: one vector per image.")
-    _embedding_view(done, by_id, layers, settings, groups, colours)
-    _probe_view(able, done, by_id, layers, settings, groups, colours)
+    _embedding_view(done, layers, settings, groups, names)
+    _probe_view(able, by_id, layers, settings, groups, colours, names)
 
 
 def _measure(missing: list[InsideRun], settings: net.NetworkSettings,
-             groups: dict[str, list[InsideRun]]) -> None:
+             groups: dict[str, list[InsideRun]]) -> int:
+    """Measure ``missing`` with a progress bar; returns how many groups failed (each
+    failure is shown, naming its runs)."""
     bar, step = progress_bar(f"Measuring {len(missing)} run(s)")
-    ids = {r.run_id for r in missing}
+    ids, failed = {r.run_id for r in missing}, 0
     for members in groups.values():
         todo = [r for r in members if r.run_id in ids]
         if not todo:
@@ -74,9 +77,11 @@ def _measure(missing: list[InsideRun], settings: net.NetworkSettings,
             net.measure_runs([(r.path, r.writable) for r in todo], settings, progress=step,
                              models={r.path: view_model(r) for r in todo}, frozen=frozen)
         except Exception as e:  # reported with the runs it concerns
+            failed += 1
             st.error(f"Measuring {', '.join(r.run_id for r in todo)} failed: {e}",
                      icon=":material/error:")
     bar.empty()
+    return failed
 
 
 @st.cache_data(max_entries=32, show_spinner="Embedding the features in 2-D…")
@@ -84,7 +89,7 @@ def _embedded(features: np.ndarray, method: str) -> np.ndarray:
     return net.embed_2d(features, method)
 
 
-def _embedding_view(done, by_id, layers, settings, groups, colours) -> None:
+def _embedding_view(done, layers, settings, groups, names) -> None:
     st.markdown("**CLS features before and after tuning**")
     c1, c2 = st.columns(2)
     layer = c1.selectbox("Layer", layers, index=len(layers) - 1, key="embed-layer")
@@ -107,7 +112,6 @@ def _embedding_view(done, by_id, layers, settings, groups, colours) -> None:
             panels[r.label] = _embedded(np.asarray(done[r.run_id]["cls"][:, li], np.float32),
                                         method)
             labels = done[r.run_id]["labels"] if labels is None else labels
-    names = mdl.class_names(view_model(next(iter(by_id.values()))).task)
     st.plotly_chart(plots.embeddings(panels, labels, names,
                                      method={"pca": "PCA", "tsne": "t-SNE"}[method]),
                     key="inside-embed")
@@ -116,7 +120,7 @@ def _embedding_view(done, by_id, layers, settings, groups, colours) -> None:
                "perplexity 30, distances between clusters mean little).")
 
 
-def _probe_view(able, done, by_id, layers, settings, groups, colours) -> None:
+def _probe_view(able, by_id, layers, settings, groups, colours, names) -> None:
     st.markdown("**Linear separability per layer**")
     probes = {r.run_id: net.load_probes(r.path, settings, writable=r.writable) for r in able}
     frozen = {}
@@ -131,6 +135,7 @@ def _probe_view(able, done, by_id, layers, settings, groups, colours) -> None:
                    f"{len(missing)} run(s) and the frozen backbone to fit.")
         if st.button("Fit the linear probes", key="inside-probes"):
             bar, step = progress_bar("Linear probes")
+            failed = 0
             for members in groups.values():
                 try:
                     _, fz = frozen_of(members[0])
@@ -138,17 +143,19 @@ def _probe_view(able, done, by_id, layers, settings, groups, colours) -> None:
                                    progress=step,
                                    models={r.path: view_model(r) for r in members}, frozen=fz)
                 except Exception as e:  # reported with the runs it concerns
-                    st.error(f"Fitting probes failed: {e}", icon=":material/error:")
+                    failed += 1
+                    st.error(f"Fitting probes for {', '.join(r.run_id for r in members)} "
+                             f"failed: {e}", icon=":material/error:")
             bar.empty()
-            st.rerun()
+            if not failed:
+                st.rerun()
     curves = {}
     if len(groups) == 1 and next(iter(frozen.values())) is not None:
         curves[plots.FROZEN] = next(iter(frozen.values()))["test_acc"]
     curves.update({by_id[k].label: v["test_acc"] for k, v in probes.items() if v is not None})
     if curves:
-        first = next(iter(done.values()))
-        chance = 1 / len(np.unique(first["labels"]))
-        st.plotly_chart(plots.separability_curves(layers, curves, colours, chance=chance),
+        st.plotly_chart(plots.separability_curves(layers, curves, colours,
+                                                  chance=1 / len(names)),
                         key="inside-probes-chart")
         st.caption("How linearly separable the classes are in each layer's CLS token: test "
                    "accuracy of a logistic regression fitted on the train images' features "

@@ -165,6 +165,19 @@ def test_integrated_gradients_sum_to_the_logit_difference(tiny_vit, baseline):
     assert out["ig"].shape == (32, 32) and out["layer"].shape == out["rollout"].shape == (4, 4)
 
 
+def test_integration_nodes_double_until_the_delta_is_small(tiny_vit):
+    model = _attached(tiny_vit, "lora").requires_grad_(False)
+    x = torch.randn(1, 3, 32, 32)
+    few = attr.attribute(model, x, mean=MEAN, std=STD, metrics=False,
+                         settings=attr.AttributionSettings(steps=4, max_steps=4))
+    more = attr.attribute(model, x, mean=MEAN, std=STD, metrics=False,
+                          settings=attr.AttributionSettings(steps=4, max_steps=64,
+                                                            tolerance=1e-4))
+    assert few["ig_steps"] == 4 and more["ig_steps"] > 4
+    assert abs(more["ig_delta"]) < abs(few["ig_delta"])
+    assert abs(more["ig_delta"]) <= 1e-4 * abs(more["logit_diff"]) or more["ig_steps"] == 64
+
+
 def test_layer_ig_is_captums_layer_integrated_gradients(tiny_vit):
     from captum.attr import IntegratedGradients, LayerIntegratedGradients
 

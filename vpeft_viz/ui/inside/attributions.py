@@ -60,7 +60,8 @@ def attributions_view(task: str, chosen: list[InsideRun]) -> None:
     st.dataframe(_trust_table(results, names), hide_index=True)
     st.caption(
         "Integrated Gradients: the logit of the target class, integrated from a uniform "
-        "image at the normalisation mean to this image (16 Gauss–Legendre steps); red "
+        "image at the normalisation mean to this image (16 Gauss–Legendre nodes, doubled up "
+        "to 64 while the delta is over 1% of the logit difference); red "
         "pixels raise it, blue ones lower it; the colours of a row share one scale across "
         "runs. Completeness: Σ attributions = logit(image) − logit(baseline) up to the "
         "convergence delta — a large delta (DyT's hard token routing is not smooth) means "
@@ -78,10 +79,11 @@ def _trust_table(results: dict[str, dict], names: list[str]) -> pd.DataFrame:
         rows.append({
             "run": lab, "target": names[r["target"]], "p(target)": r["target_prob"],
             "logit − baseline": r["logit_diff"], "IG Σ": r["ig_sum"], "IG delta": r["ig_delta"],
+            "IG nodes": r["ig_steps"],
             "IG infidelity": r.get("ig_infidelity"),
             "IG infidelity (rel.)": r.get("ig_infidelity_rel"),
             "IG max-sensitivity": r.get("ig_sensitivity"),
-            "layer IG delta": r["layer_delta"],
+            "layer IG delta": r["layer_delta"], "layer IG nodes": r["layer_steps"],
             "layer: CLS share": r["layer_prefix"] / r["layer_sum"] if r["layer_sum"] else None,
             "layer: prompt share": r["layer_prompts"] / r["layer_sum"] if r["layer_sum"]
             else None,

@@ -375,3 +375,23 @@ def test_a_clicked_confusion_cell_names_its_classes():
     assert q == {"task": "pets", "runs": ["r1", "r2"], "tab": "Examples", "filter": "cell",
                  "true": "cat", "pred": "dog", "by": "any"}
     assert ex.cell_query([], ["cat"], task="pets", run_ids=["r1"]) is None
+
+
+# -- figures ------------------------------------------------------------------------------
+def test_attribution_maps_of_all_runs_share_one_colour_scale_per_row():
+    from vpeft_viz.plots import inside as plots
+
+    maps = {"lora": {"ig": np.full((8, 8), 0.5), "layer": -np.ones((2, 2)),
+                     "rollout": np.full((2, 2), 0.25)},
+            "ssf": {"ig": np.full((8, 8), -2.0), "layer": np.ones((2, 2)) * 0.1,
+                    "rollout": np.full((2, 2), 0.1)}}
+    fig = plots.attribution_grid(np.zeros((8, 8, 3)), maps, {"lora": "LoRA"})
+    assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == (-2.0, 2.0)
+    assert (fig.layout.coloraxis2.cmin, fig.layout.coloraxis2.cmax) == (-1.0, 1.0)
+    assert (fig.layout.coloraxis3.cmin, fig.layout.coloraxis3.cmax) == (0.0, 0.25)
+    assert len(fig.data) == 2 * 4  # per run: the image and three maps
+    curves = plots.cka_curves(["embedding", "block 1"], {"a": [1.0, 0.9], "b": [1.0, 0.99]})
+    assert len(curves.data) == 2 and curves.layout.yaxis.range[0] < 0.9 < 1
+    emb = plots.embeddings({"frozen backbone": np.zeros((4, 2)), "lora": np.ones((4, 2))},
+                           np.array([0, 1, 1, 2]), ["a", "b", "c"])
+    assert sum(t.showlegend for t in emb.data) == 3  # one legend entry per class

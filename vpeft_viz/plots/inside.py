@@ -80,7 +80,8 @@ def attribution_grid(image: np.ndarray, results: Mapping[str, Mapping[str, np.nd
 
 def cka_curves(layers: Sequence[str], curves: Mapping[str, Sequence[float]],
                colours: Mapping[str, str] | None = None, *, what: str = "tokens") -> go.Figure:
-    """CKA with the frozen backbone per layer, one line per run (1 = unchanged)."""
+    """CKA with the frozen backbone per layer, one line per run (1 = unchanged); the y-axis
+    starts a little under the lowest value, so small departures from 1 show."""
     colours = colours or run_colours(list(curves))
     fig = go.Figure()
     for lab, values in curves.items():
@@ -91,12 +92,18 @@ def cka_curves(layers: Sequence[str], curves: Mapping[str, Sequence[float]],
     fig.add_hline(y=1, line=dict(color="#999", dash="dot", width=1))
     fig.update_layout(
         xaxis_title="layer", yaxis_title=f"linear CKA with the frozen backbone ({what})",
-        yaxis_range=[min(0.0, *[float(np.nanmin(v)) for v in curves.values()]) if curves
-                     else 0.0, 1.02],
+        yaxis_range=[_floor(curves), 1.005],
         legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0),
         margin=dict(l=10, r=10, t=30, b=10), height=420)
     fig.update_xaxes(type="category")
     return fig
+
+
+def _floor(curves: Mapping[str, Sequence[float]]) -> float:
+    """The y-axis' lower end: a little under the lowest CKA (methods often stay near 1)."""
+    values = [v for vs in curves.values() for v in vs if v is not None and np.isfinite(v)]
+    low = min(values, default=0.0)
+    return max(0.0, low - 0.1 * (1 - low) - 0.005)
 
 
 def embeddings(panels: Mapping[str, np.ndarray], labels: np.ndarray,

@@ -139,6 +139,7 @@ def test_compare_links_to_the_runs_and_its_confusion_cells_are_clickable(stores)
     assert not at.exception
     links = [m.value for m in at.markdown if "Inside?" in m.value]
     assert links and "Look inside these runs" in links[0] and "task=" in links[0]
+    assert "runs=" in links[0] and "%5B" not in links[0]  # run ids, one parameter each
     from streamlit.proto.PlotlyChart_pb2 import PlotlyChart
 
     confusion = at.get("plotly_chart")[-1].proto

@@ -24,6 +24,7 @@ from vpeft_viz.plots.compare import (
     training_curves,
 )
 from vpeft_viz.ui.common import comparison_table, embedded_info, means_table, protocol_note
+from vpeft_viz.ui.inside import inside_link, open_confusion_cell
 from vpeft_viz.ui.stores import (
     group_eval,
     load_run_table,
@@ -156,9 +157,15 @@ else:
                     key="per-class")
     pick = st.selectbox("Confusion matrix of", list(evals), key="detail-confusion")
     ev = evals[pick]
+    group_runs = {group_label(r.method, r.setting): list(r.run_ids) for r in on_task.itertuples()}
     st.caption(f"**{pick}**: images summed over {ev.n_runs} seed(s); rows: true class, "
-               "colour: share of the true class")  # a title in the figure meets its toolbar
-    st.plotly_chart(confusion_heatmap(ev.confusion, ev.class_names), key="confusion")
+               "colour: share of the true class. Click a cell to see its images.")
+    # (a title in the figure would meet its toolbar)
+    event = st.plotly_chart(confusion_heatmap(ev.confusion, ev.class_names, clickable=True),
+                            key="confusion", on_select="rerun", selection_mode="points")
+    open_confusion_cell(event, ev.class_names, task=task, run_ids=group_runs[pick])
+    inside_link(task, [ids[0] for ids in group_runs.values()][:8],  # one seed per group
+                "Look inside these runs: every test image, attributions, what changed")
 
 st.subheader("Export")
 e1, e2 = st.columns(2)

@@ -15,6 +15,7 @@ from vpeft_viz.methods import methods_with_view
 from vpeft_viz.plots import flatness as plots
 from vpeft_viz.ui import flatness as ui
 from vpeft_viz.ui import method_views
+from vpeft_viz.ui.inside import inside_link
 
 METHODS = methods_with_view(Path(__file__).name)  # from each method's view_page
 SETTINGS = fl.FlatnessSettings()
@@ -51,6 +52,8 @@ chosen = [on_task[i] for i in picked]
 if not chosen:
     st.info("Pick at least one run.")
     st.stop()
+inside_link(task, [r.id for r in chosen][:8], "Inside these runs: test images, attributions, "
+            "where each changed the network")
 
 records = {}
 missing = []

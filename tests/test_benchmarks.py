@@ -38,3 +38,33 @@ def test_smoke_configuration_covers_every_method(gpu_suite):
     # full fine-tuning computes weight gradients of the whole backbone: more FLOPs per step
     flops = {r["method"]: r["step_flops"] for r in result["rows"]}
     assert flops["full"] > flops["lora"] > 0
+
+
+@pytest.fixture(scope="module")
+def inside_bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("inside_bench", BENCH / "inside.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_inside_smoke_configuration_times_attributions_and_cka(inside_bench):
+    """The Inside benchmark's CPU smoke configuration (2 shipped runs, 16 images): both
+    timings are recorded, and the CKA of a tuned run is below 1 somewhere (the figures
+    mean nothing here)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        result = inside_bench.run(inside_bench.parse(["--smoke"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert result["threads"] == 1 and len(result["runs"]) == 2
+    assert result["attributions"]["median_s"] > 0 and result["cka"]["median_s"] > 0
+    assert result["attributions"]["metrics_s"][0] > 0  # the trust metrics are in the time
+    for values in result["cka"]["cka_tokens"].values():
+        assert len(values) == len(result["cka"]["layers"]) and min(values) < 1

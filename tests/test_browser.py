@@ -6,7 +6,8 @@ driver's path given so Selenium Manager never downloads anything): open the Trai
 launch a one-epoch linear probe on an embedded task, watch it finish, follow its card's link
 to the Compare page; an invalid number blocks Launch; the home page is "Home" in the
 navigation, its "Start here" link and every shared link (task, tab, tour step in the URL)
-open the view they name, even as the first request a fresh server gets. Screenshots of every
+open the view they name, even as the first request a fresh server gets; a click on a cell of
+Compare's confusion matrix opens the Inside page on that cell's images. Screenshots of every
 step are saved in the test's tmp dir. Each test starts its own server on a port the kernel
 hands out (bound to port 0), so engineers running the suite at once do not collide.
 """
@@ -382,3 +383,69 @@ def test_home_start_here_and_shared_links(server, browser, tmp_path):
     browser.get(shared)
     page.wait_text("Step 2 of", 60)
     page.no_exception()
+
+
+CONFUSION_JS = """
+for (const el of document.querySelectorAll('.js-plotly-plot')) {
+  const d = el.data || [];
+  if (d.length > 1 && d[0].type === 'heatmap' && d[1].name === 'cells') {
+    el.scrollIntoView({block: 'center'});
+    return d[1].customdata;
+  }
+}
+return null;
+"""
+CELL_JS = """
+for (const el of document.querySelectorAll('.js-plotly-plot')) {
+  const d = el.data || [];
+  if (d.length > 1 && d[0].type === 'heatmap' && d[1].name === 'cells') {
+    return el.querySelectorAll('.scatterlayer .trace .points path.point')[arguments[0]];
+  }
+}
+return null;
+"""
+
+
+def test_a_confusion_cell_on_compare_opens_its_images(server, browser, tmp_path):
+    """Click a cell of Compare's confusion matrix (shipped runs): the Inside page opens on
+    the images of that cell, its (image, run) count equal to the cell's count."""
+    import json
+    import re
+
+    from vpeft_viz.data.embedded import get_task
+
+    url, _ = server
+    page = Page(browser, tmp_path)
+    browser.get(f"{url}/Compare?task=count")
+    page.wait_text("Compare methods", 60)
+    page.wait_text("Click a cell to see its images", PAGE_LOAD_S)
+    page.idle()
+    cells = page.wait(lambda: browser.execute_script(CONFUSION_JS), 60, "the confusion matrix")
+    # the busiest cell off the diagonal (a mistake the runs share), else the busiest one
+    off = [c for c in cells if c[0] != c[1] and c[2] > 0]
+    k = cells.index(max(off or cells, key=lambda c: c[2]))
+    page.shot("compare_confusion")
+    point = page.wait(lambda: browser.execute_script(CELL_JS, k), 30, "the cell's marker")
+    ActionChains(browser).move_to_element(point).click().perform()
+    page.wait(lambda: "/Inside" in browser.current_url, 60, "the Inside page to open")
+    page.wait_text("(image, run) pairs", PAGE_LOAD_S)
+    page.idle(timeout=PAGE_LOAD_S)
+    page.no_exception()
+    page.shot("inside_cell")
+
+    # the view: the group's runs in the URL, the cell's classes and counts on the page
+    runs = _query(browser.current_url)["runs"]
+    names = list(get_task("count").class_names)
+    text = page.text()
+    m = re.search(r"(\d+) of \d+ test images: true (.+), predicted (.+) — (\d+) \(image, "
+                  r"run\) pairs", text)
+    assert m, text[:3000]
+    shown, true, pred, pairs = int(m[1]), names.index(m[2]), names.index(m[3]), int(m[4])
+    assert [true, pred, pairs] == [int(c) for c in cells[k][:3]]  # the cell clicked
+    assert pairs == sum(json.loads((REPO_ROOT / "cached_runs" / r / "artifacts" / "eval.json")
+                                   .read_text())["test_confusion"][true][pred] for r in runs)
+    assert 0 < shown <= pairs
+    page.wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"]'))
+              == min(shown, 40), 60, "the gallery")
+    assert page.text().count(f"· true {names[true]}") == min(shown, 40)
+    page.shot("inside_gallery")

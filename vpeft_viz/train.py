@@ -165,6 +165,11 @@ class EvalResult:
     confusion: np.ndarray | None  # (true, predicted) counts; None beyond DENSE_CONFUSION_MAX
     class_correct: np.ndarray  # per true class: correctly predicted
     class_total: np.ndarray  # per true class: images
+    # per image, in the loader's order: true class, predicted class, softmax probability of
+    # the prediction (what a run keeps of its test phase, ``artifacts/predictions.npz``)
+    labels: np.ndarray | None = None
+    predictions: np.ndarray | None = None
+    confidence: np.ndarray | None = None
 
     @property
     def per_class_acc(self) -> list[float]:
@@ -185,12 +190,18 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
     correct = np.zeros(num_classes, dtype=np.int64)
     total = np.zeros(num_classes, dtype=np.int64)
     total_loss, n = 0.0, 0
+    trues, preds, confs = [], [], []
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(images)
         total_loss += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-        true, pred = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
+        top = logits.argmax(1)
+        prob = logits.float().softmax(1).gather(1, top[:, None])[:, 0]
+        true, pred = labels.cpu().numpy(), top.cpu().numpy()
+        trues.append(true)
+        preds.append(pred)
+        confs.append(prob.cpu().numpy())
         if confusion is not None:
             np.add.at(confusion, (true, pred), 1)
         np.add.at(total, true, 1)
@@ -198,7 +209,9 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         n += labels.numel()
     if n == 0:
         raise ValueError("cannot evaluate on an empty split")
-    return EvalResult(total_loss / n, float(correct.sum() / n), confusion, correct, total)
+    return EvalResult(total_loss / n, float(correct.sum() / n), confusion, correct, total,
+                      labels=np.concatenate(trues), predictions=np.concatenate(preds),
+                      confidence=np.concatenate(confs).astype(np.float32))
 
 
 @dataclass

@@ -170,22 +170,40 @@ def per_class_bars(per_class: Mapping[str, Sequence[float]], class_names: Sequen
 
 
 def confusion_heatmap(confusion: np.ndarray, class_names: Sequence[str], *,
-                      normalize: bool = True, title: str | None = None) -> go.Figure:
+                      normalize: bool = True, title: str | None = None,
+                      clickable: bool = False) -> go.Figure:
     """Test confusion matrix (rows: true class, columns: predicted), coloured by the share
     of each true class (row-normalised unless ``normalize`` is false), each cell showing its
-    image count (up to :data:`MAX_LABELLED_CLASSES` classes)."""
+    image count (up to :data:`MAX_LABELLED_CLASSES` classes).
+
+    ``clickable``: an invisible marker sits on every cell (trace 1, ``customdata`` =
+    ``[true, predicted, count]``), so a click selects the cell (plotly heatmaps themselves
+    send no selection events) and the hover comes from it."""
     counts = np.asarray(confusion, dtype=float)
     rows = counts.sum(axis=1, keepdims=True)
     z = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0) if normalize else counts
     names = [str(c) for c in class_names]
     labelled = len(names) <= MAX_LABELLED_CLASSES
+    hover = ("true %{y} → predicted %{x}<br>"
+             + ("share %{customdata[3]:.1%} · " if normalize and clickable else
+                "share %{z:.1%} · " if normalize else "")
+             + ("%{customdata[2]:.0f} images" if clickable else "%{customdata:.0f} images")
+             + ("<br>click: show these images" if clickable else "") + "<extra></extra>")
     fig = go.Figure(go.Heatmap(
         z=z, x=names, y=names, colorscale="Blues", zmin=0, zmax=1 if normalize else None,
         customdata=counts, text=counts.astype(int) if labelled else None,
         texttemplate="%{text}" if labelled else None,
-        hovertemplate=("true %{y} → predicted %{x}<br>"
-                       + ("share %{z:.1%} · " if normalize else "")
-                       + "%{customdata:.0f} images<extra></extra>")))
+        hoverinfo="skip" if clickable else None,
+        hovertemplate=None if clickable else hover))
+    if clickable:
+        t, q = np.meshgrid(np.arange(len(names)), np.arange(len(names)), indexing="ij")
+        fig.add_trace(go.Scatter(
+            x=[names[j] for j in q.ravel()], y=[names[i] for i in t.ravel()], mode="markers",
+            marker=dict(symbol="square", size=max(6, min(40, 360 // max(len(names), 1))),
+                        color="rgba(0,0,0,0)"),
+            # plain lists: the page's own scripts (and tests) read them back from the chart
+            customdata=np.stack([t.ravel(), q.ravel(), counts.ravel(), z.ravel()], -1).tolist(),
+            hovertemplate=hover, showlegend=False, name="cells"))
     fig.update_layout(title=title, xaxis_title="predicted class", yaxis_title="true class",
                       xaxis_type="category", yaxis_type="category",
                       yaxis_autorange="reversed", margin=dict(l=10, r=10, t=40 if title else 10,

@@ -46,3 +46,39 @@ def attention_maps(model: torch.nn.Module, images: torch.Tensor) -> list[torch.T
             for h in hooks:
                 h.remove()
     return maps
+
+
+def attention_rollout(maps: list[torch.Tensor], *, residual: float = 0.5) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020, https://arxiv.org/abs/2005.00928): how much
+    each token at the output draws from each token entering the first block, (B, T, T).
+
+    Per block, the heads' mean attention is mixed with the identity for the residual path,
+    ``residual · I + (1 − residual) · A``, its rows renormalised, and the blocks multiplied
+    (last block on the left). Keys that are not tokens of the sequence — key-value prompts
+    joined in front of the keys (E²VPT) — carry nothing of the image on to the next block:
+    their columns are dropped before renormalising.
+    """
+    if not maps:
+        raise ValueError("attention rollout needs the maps of at least one block")
+    out: torch.Tensor | None = None
+    for m in maps:
+        a = m.float().mean(1)  # (B, queries, keys)
+        q = a.shape[-2]
+        a = a[..., a.shape[-1] - q:]  # the sequence's own tokens as keys
+        a = residual * torch.eye(q, dtype=a.dtype, device=a.device) + (1 - residual) * a
+        a = a / a.sum(-1, keepdim=True)
+        out = a if out is None else a @ out
+    return out
+
+
+@torch.no_grad()
+def cls_rollout(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout of the CLS token (of the mean patch token, for a ViT without one) onto the
+    patch tokens entering the first block, (B, patches), and the share it puts on the other
+    tokens there (prefix tokens and prompts), (B,)."""
+    patches_n = int(model.patch_embed.num_patches)
+    roll = attention_rollout(attention_maps(model, images))
+    row = roll[:, 0] if getattr(model, "cls_token", None) is not None else \
+        roll[:, roll.shape[1] - patches_n:].mean(1)
+    patches = row[:, row.shape[-1] - patches_n:]
+    return patches, 1.0 - patches.sum(-1)

@@ -349,6 +349,9 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
         "class_names": class_names(task),
         "test_confusion": test.confusion, "test_per_class_acc": test.per_class_acc,
     })
+    # per test image, in split order: the Inside page's drill-down (docs/inside.md)
+    run.save_artifact("predictions.npz", {"labels": test.labels, "predictions": test.predictions,
+                                          "confidence": test.confidence})
     arts = method.artifacts(model)
     arts.update(method.test_artifacts(model, loaders["test"], device=device))
     if arts:

@@ -74,7 +74,7 @@ def link_to_page(file_name: str, label: str, *, icon: str | None = None,
     try:
         st.page_link(path, label=label, icon=icon, query_params=query_params)
     except StreamlitPageNotFoundError:
-        query = f"?{urlencode(query_params)}" if query_params else ""
+        query = f"?{urlencode(query_params, doseq=True)}" if query_params else ""
         st.markdown(f"[{label}]({page_title(Path(file_name))}{query})")
 
 

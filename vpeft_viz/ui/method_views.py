@@ -19,6 +19,7 @@ import streamlit as st
 
 from ..runs import RunStoreError, queue, user_store
 from ..runs.store import Run
+from .inside import inside_link
 from .stores import SOURCE_LABELS, store_roots
 
 ARTIFACT = "method.npz"
@@ -203,4 +204,7 @@ def pick_run_or_stop(methods: tuple[str, ...], *, what: str,
         with st.expander("Queue and live runs"):
             queue_panel()
         st.stop()
-    return runs, run_picker(runs, label="Run", key=f"{key}-run")
+    run = run_picker(runs, label="Run", key=f"{key}-run")
+    inside_link(run.task, [run.id], "Inside this run: its test images, attributions, and "
+                "where it changed the network")
+    return runs, run

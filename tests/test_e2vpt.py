@@ -311,3 +311,22 @@ def test_run_records_masks_scores_and_rounds(vtab_task, tmp_path):
     assert summary["val_acc"] == pytest.approx(float(arts["round_val_acc"][best]))
     assert summary["trainable_params_excl_head"] == int(arts["params_after_pruning"])
     assert summary["trainable_params_excl_head"] < 6 * 128 * (4 + 2)
+
+
+def test_run_test_images_name_classes_as_the_run_did():
+    """The views' test images carry the class names the run's eval.json uses (the embedded
+    count task's classes are '1'…'6', not the indices)."""
+    import json
+    from pathlib import Path
+
+    from vpeft_viz.runs.model import run_test_images
+    from vpeft_viz.runs.store import Run
+    from vpeft_viz.runs.weights import load_run_model
+
+    path = Path(__file__).resolve().parents[1] / "cached_runs" / "count-vpt-deep-s0"
+    if not (path / "weights.safetensors").is_file():
+        pytest.skip("shipped count-vpt-deep-s0 run not present")
+    trained = load_run_model(Run(path, read_only=True))
+    _, labels, names = run_test_images(path, trained.model, 2, task=trained.task)
+    assert names == json.loads((path / "artifacts" / "eval.json").read_text())["class_names"]
+    assert names[0] == "1" and len(labels) == 2

@@ -33,7 +33,8 @@ from vpeft_viz.plots.compare import (
     training_curves,
 )
 from vpeft_viz.runs import RunStore
-from vpeft_viz.runs.execute import class_names, execute_run, make_run_config
+from vpeft_viz.runs.execute import execute_run, make_run_config
+from vpeft_viz.runs.model import class_names
 from vpeft_viz.ui.common import comparison_frame
 from vpeft_viz.ui.stores import load_run_table
 

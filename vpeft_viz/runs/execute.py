@@ -54,6 +54,7 @@ from ..train import (
     resolve_device,
     seed_everything,
 )
+from .model import class_names
 from .store import Run, atomic_write_bytes, owner_fields
 from .weights import save_run_weights
 
@@ -211,20 +212,6 @@ def build_loaders(task, model, cfg: dict, train_cfg: TrainConfig,
                             shuffle=False, seed=train_cfg.seed),
     }
     return loaders
-
-
-def class_names(task) -> list[str]:
-    """What to call each class in ``eval.json``: the folder's names, the embedded task's
-    (generated tasks are read back as plain VTAB folders, without them), or the class ids."""
-    if task.class_names:
-        return [str(c) for c in task.class_names]
-    if task.format == "embedded":
-        from ..data.embedded import get_task
-
-        names = [str(c) for c in get_task(task.name).class_names]
-        if len(names) == task.num_classes:
-            return names
-    return [str(i) for i in range(task.num_classes)]
 
 
 def execute_run(run: Run, callbacks: list[Callback] | None = None) -> dict[str, Any]:

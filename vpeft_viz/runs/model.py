@@ -29,5 +29,18 @@ def run_test_images(path: str | Path, model: nn.Module, n: int, task=None,
     ds = ImageDataset(task.splits["test"][:n], image_size=image_size(model), mean=mean,
                       std=std, num_classes=task.num_classes, cache=False)
     images, labels = ds[list(range(len(ds)))]
-    names = list(task.class_names or [str(c) for c in range(task.num_classes)])
-    return images, labels, names
+    return images, labels, class_names(task)
+
+
+def class_names(task) -> list[str]:
+    """What to call each class in ``eval.json``: the folder's names, the embedded task's
+    (generated tasks are read back as plain VTAB folders, without them), or the class ids."""
+    if task.class_names:
+        return [str(c) for c in task.class_names]
+    if task.format == "embedded":
+        from ..data.embedded import get_task
+
+        names = [str(c) for c in get_task(task.name).class_names]
+        if len(names) == task.num_classes:
+            return names
+    return [str(i) for i in range(task.num_classes)]

@@ -106,7 +106,7 @@ def load_frozen(spec: FrozenSpec):
 def class_names(task) -> list[str]:
     """What the run's ``eval.json`` calls the classes (folder names, the embedded task's
     names, or the class ids)."""
-    from ...runs.execute import class_names as names
+    from ...runs.model import class_names as names
 
     return names(task)
 

@@ -21,6 +21,7 @@ from . import (  # noqa: F401  (registration: one line per method)
     e2vpt,
     lora,
     lowbit,
+    pvp,
     sct,
     spt,
     ssf,

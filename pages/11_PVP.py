@@ -50,6 +50,10 @@ if len(variants) > 1:
 else:
     variant = variants[0] if variants else None
 shown = curves[curves["variant"] == variant] if variant is not None else curves
+schedules = sorted({int(e) for e in shown.loc[shown["shots"].notna(), "epochs"]})
+epochs = (st.selectbox("Few-shot epochs", schedules, key="pvp-epochs") if len(schedules) > 1
+          else schedules[0] if schedules else None)
+shown = shown[shown["shots"].isna() | (shown["epochs"] == epochs)]
 classes = table.loc[table["run_id"].isin(r.id for r in on_task), "num_classes"].dropna()
 chance = 1 / classes.iloc[0] if len(classes) and classes.nunique() == 1 else None
 
@@ -74,11 +78,13 @@ st.caption("Each point: mean over seeds, bar ±1 sample std; each seed trains on
            "1 / 2 / 4 / 8 / 16 shots on five FGVC tasks, with an ImageNet-scale backbone and "
            "source; here the backbone, source and tasks are the lab's small embedded ones.")
 
-gain = pvp_view.paired_gain(table, task=task, backbone=backbone, variant=variant)
+gain = pvp_view.paired_gain(table, task=task, backbone=backbone, variant=variant,
+                            epochs=epochs)
 if len(gain):
     st.markdown("**Pre-trained minus random** (same seed, same split; test accuracy)")
     st.plotly_chart(plots.gain_figure(gain), key="pvp-gain")
-overview = pvp_view.gain_overview(table, tasks, backbone=backbone)
+overview = pvp_view.gain_overview(table, tasks, backbone=backbone, variant=variant,
+                                  epochs=epochs)
 if len(overview) > 1:
     st.markdown("**Gain on every task** (points of test accuracy, pre-trained − random, "
                 "mean over paired seeds)")
@@ -121,10 +127,12 @@ records = []
 for other in on_task:
     if variant is not None and pvp_view.variant_of(setting_keys.get(other.id, "")) != variant:
         continue
+    f = pvp_view.run_facts(other.config)
+    if f["shots"] and f["epochs"] != epochs:
+        continue
     other_rec = rec if other.path == run.path else method_views.read_record(
         other, pvp_view.PromptRecord.from_artifacts, "PVP prompt")
     if other_rec is not None:
-        f = pvp_view.run_facts(other.config)
         records.append((f["init"], float("nan") if f["shots"] is None else float(f["shots"]),
                         other_rec))
 by_shots = pvp_view.similarity_by_shots(records)
@@ -137,12 +145,12 @@ with st.expander("Add a point: queue a PVP run on this task"):
     init = a.selectbox("init", pvp_view.INITS, key="pvp-new-init")
     shots = b.selectbox("shots per class", PAPER_SHOTS, index=2, key="pvp-new-shots")
     seed = c_.number_input("seed", value=0, min_value=0, step=1, key="pvp-new-seed")
-    epochs = d.number_input("epochs", value=FEW_SHOT_EPOCHS, min_value=1, step=1,
-                            key="pvp-new-epochs")
+    new_epochs = d.number_input("epochs", value=epochs or FEW_SHOT_EPOCHS, min_value=1,
+                                step=1, key="pvp-new-epochs")
     method_views.launch_button(
         f"Train pvp ({init}, {shots}-shot, seed {int(seed)}) on {task}", key="pvp-launch",
         method="pvp", data=run.config["data"]["spec"], method_config={"init": init},
-        train={"shots": int(shots), "seed": int(seed), "epochs": int(epochs)},
+        train={"shots": int(shots), "seed": int(seed), "epochs": int(new_epochs)},
         backbone=method_views.recorded(run.config),
         help="The first pre-trained run on a task also trains its pooled source (a few "
              "minutes on CPU), unless one is already stored.")

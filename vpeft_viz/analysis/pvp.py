@@ -88,9 +88,11 @@ def shot_curves(runs: pd.DataFrame, *, task: str, backbone: str) -> pd.DataFrame
 
 
 def paired_gain(runs: pd.DataFrame, *, task: str, backbone: str,
-                variant: str | None = None) -> pd.DataFrame:
+                variant: str | None = None, epochs: int | None = None) -> pd.DataFrame:
     """Pre-trained minus random-initialised test accuracy per k (few-shot runs only), from
-    the seeds both inits ran (same seed: same split): mean, sample std, and the seeds used."""
+    the seeds both inits ran (same seed: same split): mean, sample std, and the seeds used.
+    ``variant`` and ``epochs`` keep only the runs of those settings (both: all of them, and
+    a k trained for several epoch counts then mixes them)."""
     cols = ["shots", "gain", "gain_std", "n_pairs", "seeds"]
     if runs.empty:
         return pd.DataFrame(columns=cols)
@@ -102,6 +104,8 @@ def paired_gain(runs: pd.DataFrame, *, task: str, backbone: str,
         if s.get("train.shots") is None:
             continue
         if variant is not None and variant_of(rec["setting_key"]) != variant:
+            continue
+        if epochs is not None and s.get("train.epochs") != epochs:
             continue
         key = (int(s["train.shots"]), s.get("train.epochs"), int(rec["seed"]))
         acc.setdefault(key, {})[s.get("method_config.init", "pretrained")] = rec["test_acc"]
@@ -118,12 +122,12 @@ def paired_gain(runs: pd.DataFrame, *, task: str, backbone: str,
     return pd.DataFrame(rows, columns=cols)
 
 
-def gain_overview(runs: pd.DataFrame, tasks: Iterable[str], *, backbone: str
-                  ) -> pd.DataFrame:
+def gain_overview(runs: pd.DataFrame, tasks: Iterable[str], *, backbone: str,
+                  variant: str | None = None, epochs: int | None = None) -> pd.DataFrame:
     """Tasks × k table of :func:`paired_gain` means (points of accuracy, ×100)."""
     table = {}
     for task in tasks:
-        g = paired_gain(runs, task=task, backbone=backbone)
+        g = paired_gain(runs, task=task, backbone=backbone, variant=variant, epochs=epochs)
         if len(g):
             table[task] = {int(k): 100 * v for k, v in zip(g["shots"], g["gain"])}
     return pd.DataFrame(table).T.sort_index(axis=1) if table else pd.DataFrame()

@@ -93,3 +93,21 @@ def test_cli_trains_on_k_shots_and_refuses_too_many(vtab_task, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "train.shots=9" in err and "at most 8" in err
     assert len(list(store.iterdir())) == 1  # refused before a run directory was made
+
+
+def test_compare_groups_old_and_new_full_runs_and_names_the_shots():
+    from vpeft_viz.analysis.compare import _setting, setting_labels
+
+    base = {"method": "lora", "method_config": {"rank": 8},
+            "backbone": {"name": "b", "pretrained": True, "checkpoint": None},
+            "data": {"spec": "embedded:count", "name": "count", "normalization": "backbone"},
+            "train": {"epochs": 10, "lr": None, "seed": 0}}
+    old = _setting(base, "cpu")  # recorded before train.shots existed
+    new = _setting({**base, "train": {**base["train"], "shots": None, "shots_seed": None}},
+                   "cpu")
+    few = _setting({**base, "train": {**base["train"], "seed": 2, "shots": 4,
+                                      "shots_seed": 7}}, "cpu")
+    keys = [json.dumps(s, sort_keys=True) for s in (old, new, few)]
+    assert keys[0] == keys[1] and keys[2] != keys[0]
+    labels = setting_labels(keys)
+    assert labels[keys[0]] == "" and labels[keys[2]] == "shots=4"

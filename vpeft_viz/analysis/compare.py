@@ -121,7 +121,8 @@ def setting_labels(setting_keys: Iterable[str]) -> dict[str, str]:
     store loaded together, so a 3-epoch LoRA of yours and the shipped 10-epoch LoRA are
     told apart): a shared entry (epochs, lr, backbone, device...) as soon as it differs
     anywhere, a method's own entries (``method_config.*``) when they differ between settings
-    of that method. Empty when nothing differs.
+    of that method. Empty when nothing differs. An entry a setting lacks (unset, e.g. a run
+    on the whole training split has no ``shots``) is left out of its label.
     """
     settings = {k: json.loads(k) for k in dict.fromkeys(setting_keys)}
     by_method: dict[Any, list[str]] = {}
@@ -138,9 +139,9 @@ def setting_labels(setting_keys: Iterable[str]) -> dict[str, str]:
     labels = {}
     for keys in by_method.values():
         entries = [*shared, *varying(keys, own=True)]
-        for key in keys:
-            labels[key] = ", ".join(f"{_short(n, entries)}={settings[key].get(n)}"
-                                    for n in entries)
+        for key in keys:  # an entry a setting lacks is unset (its default): not named
+            labels[key] = ", ".join(f"{_short(n, entries)}={settings[key][n]}"
+                                    for n in entries if n in settings[key])
     return labels
 
 

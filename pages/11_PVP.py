@@ -58,7 +58,9 @@ classes = table.loc[table["run_id"].isin(r.id for r in on_task), "num_classes"].
 chance = 1 / classes.iloc[0] if len(classes) and classes.nunique() == 1 else None
 
 st.subheader(f"Accuracy against shots on {task}")
-st.plotly_chart(plots.shots_figure(shown, acc=acc, chance=chance), key="pvp-shots")
+reference = pvp_view.vpt_deep_reference(table, task=task, backbone=backbone, variant=variant)
+st.plotly_chart(plots.shots_figure(shown, acc=acc, chance=chance, vpt_deep=reference),
+                key="pvp-shots")
 few = shown[shown["shots"].notna()]
 if few.empty:
     st.info(f"No few-shot PVP runs on {task} yet: add points below, or from a terminal, e.g. "

@@ -298,3 +298,26 @@ def test_curves_and_paired_gains_over_seeds():
     assert gain["gain_std"].tolist() == pytest.approx([0.01, 0.01])
     overview = ana.gain_overview(table, ["t", "u"], backbone="b")
     assert list(overview.index) == ["t"] and overview.loc["t", 4] == pytest.approx(11.0)
+
+
+def test_vpt_deep_on_the_whole_split_is_the_random_reference():
+    import pandas as pd
+
+    from vpeft_viz.analysis import pvp as ana
+
+    def row(method, acc, seed, **setting):
+        key = json.dumps({"method": method, "train.epochs": 10, **setting}, sort_keys=True)
+        return {"run_id": f"{method}-{acc}", "method": method, "task": "t", "backbone": "b",
+                "seed": seed, "test_acc": acc, "val_acc": acc, "setting_key": key}
+
+    table = pd.DataFrame([row("vpt-deep", 0.4, 0, **{"method_config.num_tokens": 10}),
+                          row("vpt-deep", 0.5, 1, **{"method_config.num_tokens": 10}),
+                          row("vpt-deep", 0.9, 0, **{"method_config.num_tokens": 50}),
+                          row("vpt-deep", 0.9, 0, **{"method_config.num_tokens": 10,
+                                                     "train.shots": 4})])
+    ref = ana.vpt_deep_reference(table, task="t", backbone="b",
+                                 variant=json.dumps({"method_config.num_tokens": 10}))
+    assert len(ref) == 1 and ref["n_seeds"][0] == 2
+    assert ref["test_acc"][0] == pytest.approx(0.45)
+    assert ana.vpt_deep_reference(table, task="t", backbone="b", variant=json.dumps(
+        {"method_config.num_tokens": 50}))["test_acc"][0] == pytest.approx(0.9)

@@ -5,7 +5,9 @@ are few training images, and how far do the prompts move from where they started
   training images per class (``train.shots``; docs/cli.md), for pre-trained and for
   random-initialised prompts (``pvp.init``), mean ± sample standard deviation over seeds,
   each seed on its own few-shot split; runs on the whole training split give the reference.
-* :func:`paired_gain`: pre-trained minus random, seed by seed (same seed, same split), per k.
+* :func:`paired_gain`: pre-trained minus random, seed by seed (same seed, same split), per k;
+  :func:`vpt_deep_reference`: VPT-deep on the whole training split, the random-init
+  reference when no ``init=random`` PVP run was trained on it.
 * :class:`PromptRecord`, :func:`layer_similarity`: what one run stored
   (:class:`vpeft_viz.methods.pvp.PVP`): initial and tuned prompts per layer, the cosine
   similarity of each tuned prompt with its initial value, the relative change per layer.
@@ -85,6 +87,32 @@ def shot_curves(runs: pd.DataFrame, *, task: str, backbone: str) -> pd.DataFrame
     out = pd.DataFrame(rows, columns=CURVE_COLUMNS)
     return out.sort_values(["variant", "init", "shots"], na_position="last",
                            kind="stable").reset_index(drop=True)
+
+
+def vpt_deep_reference(runs: pd.DataFrame, *, task: str, backbone: str,
+                       variant: str | None = None) -> pd.DataFrame:
+    """VPT-deep runs of the task on the whole training split with the prompt count of the
+    PVP ``variant`` (default 10): PVP's modules with VPT's random initialisation (what
+    ``init=random`` trains), one row per epoch count with the seed mean and spread."""
+    num_tokens = _setting(variant or "{}").get("method_config.num_tokens", 10)
+    cols = ["epochs", "n_seeds", "test_acc", "test_acc_std", "val_acc", "val_acc_std"]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    mine = runs[(runs["method"] == "vpt-deep") & (runs["task"] == task)
+                & (runs["backbone"] == backbone)]
+    groups: dict[int, list[dict]] = {}
+    for rec in mine.to_dict("records"):
+        s = _setting(rec["setting_key"])
+        if s.get("train.shots") is None and s.get("method_config.num_tokens") == num_tokens:
+            groups.setdefault(s.get("train.epochs"), []).append(rec)
+    rows = []
+    for epochs, recs in sorted(groups.items()):
+        test = np.array([r["test_acc"] for r in recs], dtype=float)
+        val = np.array([r["val_acc"] for r in recs], dtype=float)
+        rows.append({"epochs": epochs, "n_seeds": len(recs), "test_acc": float(test.mean()),
+                     "test_acc_std": _std(test), "val_acc": float(val.mean()),
+                     "val_acc_std": _std(val)})
+    return pd.DataFrame(rows, columns=cols)
 
 
 def paired_gain(runs: pd.DataFrame, *, task: str, backbone: str,

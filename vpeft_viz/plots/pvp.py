@@ -24,9 +24,11 @@ def _style(init: str) -> tuple[str, str, str, str]:
 
 
 def shots_figure(curves: pd.DataFrame, *, acc: str = "test_acc",
-                 chance: float | None = None) -> go.Figure:
+                 chance: float | None = None,
+                 vpt_deep: pd.DataFrame | None = None) -> go.Figure:
     """Accuracy against training images per class (log₂ axis), one line per init with
-    ±1 std error bars over seeds; runs on the whole training split as dashed lines."""
+    ±1 std error bars over seeds; runs on the whole training split (PVP's, and VPT-deep's
+    given as ``vpt_deep``) as dotted lines."""
     fig = go.Figure()
     what = "test" if acc == "test_acc" else "validation"
     few = curves[curves["shots"].notna()]
@@ -52,6 +54,14 @@ def shots_figure(curves: pd.DataFrame, *, acc: str = "test_acc",
             name=f"{name}, whole training split ({row.epochs} epochs)",
             line=dict(color=colour, dash="dot", width=1.5),
             hovertemplate=(f"{name}, whole training split: {what} {y:.1f}% "
+                           f"({row.n_seeds} seed(s))<extra></extra>")))
+    for row in (vpt_deep.itertuples() if vpt_deep is not None else ()):
+        y = 100 * getattr(row, acc)
+        fig.add_trace(go.Scatter(
+            x=[ks[0], ks[-1]], y=[y, y], mode="lines",
+            name=f"VPT-deep (random prompts), whole training split ({row.epochs} epochs)",
+            line=dict(color="#7f7f7f", dash="dot", width=1.5),
+            hovertemplate=(f"VPT-deep, whole training split: {what} {y:.1f}% "
                            f"({row.n_seeds} seed(s))<extra></extra>")))
     if chance:
         fig.add_hline(y=100 * chance, line=dict(color="#999999", dash="dot", width=1),

@@ -64,7 +64,7 @@ def variant_specs(*, quick: bool = False) -> list[dict[str, Any]]:
                 for seed in seeds[:1] if quick else seeds:
                     out.append({"method": method, "task": task, "seed": int(seed),
                                 "epochs": 1 if quick else epochs, "settings": dict(settings),
-                                "train": train,
+                                "train": train, "label": label,
                                 "run_id": f"{task}-{method}-{label}-s{seed}"})
     return out
 
@@ -238,11 +238,17 @@ def readme() -> str:
         for s, names in by_seeds.items())
     views = sorted({m for names in by_seeds.values() for m in names
                     if get_method_class(m).view_page})
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for spec in variant_specs():  # one entry per variant, its tasks and seeds together
+        groups.setdefault((spec["method"], spec["label"]), []).append(spec)
     variants = "; ".join(
-        f"`{s['run_id']}` (" + ", ".join(f"{k}={v}" for k, v in {
-            **s["settings"], **s["train"],
-            **({"epochs": s["epochs"]} if s["epochs"] != EPOCHS else {})}.items()) + ")"
-        for s in variant_specs())
+        f"`<task>-{method}-{label}-s<seed>` (" + ", ".join(f"{k}={v}" for k, v in {
+            **specs[0]["settings"], **specs[0]["train"],
+            **({"epochs": specs[0]["epochs"]} if specs[0]["epochs"] != EPOCHS else {})
+        }.items()) + f"; {', '.join(dict.fromkeys(s['task'] for s in specs))}; seed"
+        + ("s " if len({s["seed"] for s in specs}) > 1 else " ")
+        + ", ".join(str(x) for x in sorted({s["seed"] for s in specs})) + ")"
+        for (method, label), specs in groups.items())
     return f"""# cached_runs/ — the shipped run store
 
 A read-only store of finished runs in the run-directory format (see `docs/run-store.md`),

@@ -104,9 +104,10 @@ class _ProgressBar:
         from tqdm import tqdm
 
         self.close()
-        self.rounds += 1
+        label = info.get("label")  # a source run trained first (PVP's pre-trained prompts)
+        self.rounds += 0 if label else 1
         self.bar = tqdm(total=info["steps"], unit="step", file=sys.stderr, dynamic_ncols=True,
-                        desc="train" if self.rounds == 1 else f"round {self.rounds}")
+                        desc=label or ("train" if self.rounds == 1 else f"round {self.rounds}"))
 
     def on_step(self, step: int, total: int, loss: float) -> None:
         self.bar.update(1)

@@ -59,11 +59,25 @@ class TrainConfig(Config):
     precision: str = param("auto", "bf16 autocast on CUDA (auto), or force fp32.",
                            choices=("auto", "fp32", "bf16"))
     eval_batch_size: int = param(256, "Images per evaluation step.", min=1, max=8192)
+    shots: int | None = param(None, "Few-shot training: this many images per class drawn from "
+                              "the training split (the papers use 1, 2, 4, 8, 16); validation "
+                              "and test unchanged. Empty or 0: the whole training split.",
+                              min=0, max=100_000)
+    shots_seed: int | None = param(None, "Seed of the few-shot draw; empty: the run's seed "
+                                   "(each seed then trains on its own split).",
+                                   min=0, max=2**31 - 1)
 
     def validate(self) -> None:
+        if self.shots == 0:  # 0 and empty both mean the whole split: one recorded form
+            self.shots = None
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"train.warmup_epochs ({self.warmup_epochs}) must not exceed "
                               f"train.epochs ({self.epochs})")
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the few-shot draw (docs/cli.md): ``shots_seed``, else the run's seed."""
+        return self.seed if self.shots_seed is None else self.shots_seed
 
 
 def resolve_device(kind: str) -> torch.device:

@@ -44,17 +44,17 @@ GROUPS = ("natural", "specialized", "structured")
 SUMMARY_FIELDS = ("num_classes", "epochs", "best_epoch", "val_acc", "test_acc", "test_loss",
                   "trainable_params", "trainable_params_excl_head", "total_params",
                   "backbone_params", "weight_bytes", "train_time_s", "images_per_s",
-                  "peak_memory_bytes", "flops_per_image", "device")
+                  "peak_memory_bytes", "flops_per_image", "device", "train_size")
 # Quantities that vary from seed to seed: mean and spread are reported.
 SEED_METRICS = ("val_acc", "test_acc", "test_loss", "train_time_s", "images_per_s",
                 "peak_memory_bytes")
 # Quantities fixed by the setting (equal across seeds up to data-dependent selections).
 FIXED_METRICS = ("trainable_params", "trainable_params_excl_head", "backbone_params",
-                 "weight_bytes", "flops_per_image", "num_classes", "epochs")
+                 "weight_bytes", "flops_per_image", "num_classes", "epochs", "shots")
 GROUP_KEYS = ("task", "backbone", "method", "setting_key")
 # Config entries that never make two runs a different experiment.
-_NOT_SETTING = {"train.seed", "train.device", "train.eval_batch_size", "data.spec",
-                "data.name", "versions"}
+_NOT_SETTING = {"train.seed", "train.shots_seed", "train.device", "train.eval_batch_size",
+                "data.spec", "data.name", "versions"}
 # Per-epoch columns of metrics.jsonl shown as curves.
 CURVE_METRICS = ("val_acc", "train_loss", "val_loss", "train_acc")
 
@@ -99,7 +99,9 @@ def _setting(cfg: Mapping[str, Any], device: str) -> dict[str, Any]:
     """What defines the experiment apart from task and seed (device type included: cost
     figures and precision depend on it)."""
     flat = _flatten({k: v for k, v in cfg.items() if k != "versions"})
-    flat = {k: v for k, v in flat.items() if k not in _NOT_SETTING}
+    # An unset (null) entry reads as absent: runs made before a setting existed (e.g.
+    # train.shots, few-shot splits) group with today's runs that leave it unset.
+    flat = {k: v for k, v in flat.items() if k not in _NOT_SETTING and v is not None}
     flat["device"] = device.split(":")[0]
     return flat
 
@@ -119,7 +121,8 @@ def setting_labels(setting_keys: Iterable[str]) -> dict[str, str]:
     store loaded together, so a 3-epoch LoRA of yours and the shipped 10-epoch LoRA are
     told apart): a shared entry (epochs, lr, backbone, device...) as soon as it differs
     anywhere, a method's own entries (``method_config.*``) when they differ between settings
-    of that method. Empty when nothing differs.
+    of that method. Empty when nothing differs. An entry a setting lacks (unset, e.g. a run
+    on the whole training split has no ``shots``) is left out of its label.
     """
     settings = {k: json.loads(k) for k in dict.fromkeys(setting_keys)}
     by_method: dict[Any, list[str]] = {}
@@ -136,9 +139,9 @@ def setting_labels(setting_keys: Iterable[str]) -> dict[str, str]:
     labels = {}
     for keys in by_method.values():
         entries = [*shared, *varying(keys, own=True)]
-        for key in keys:
-            labels[key] = ", ".join(f"{_short(n, entries)}={settings[key].get(n)}"
-                                    for n in entries)
+        for key in keys:  # an entry a setting lacks is unset (its default): not named
+            labels[key] = ", ".join(f"{_short(n, entries)}={settings[key][n]}"
+                                    for n in entries if n in settings[key])
     return labels
 
 
@@ -183,6 +186,8 @@ def load_runs(stores: Mapping[str, RunStore],
                    "pretrained": cfg.get("backbone", {}).get("pretrained"),
                    "normalization": data.get("normalization"),
                    "seed": cfg.get("train", {}).get("seed", summary.get("seed")),
+                   # few-shot training images per class; None: the whole training split
+                   "shots": cfg.get("train", {}).get("shots"),
                    "setting_key": key}
             row.update({f: summary.get(f) for f in SUMMARY_FIELDS})
             rows.append(row)
@@ -194,7 +199,7 @@ def load_runs(stores: Mapping[str, RunStore],
 
 
 _RUN_COLUMNS = ["source", "run_id", "path", "task", "task_group", "backbone", "method",
-                "setting", "pretrained", "normalization", "seed", "setting_key",
+                "setting", "pretrained", "normalization", "seed", "shots", "setting_key",
                 *SUMMARY_FIELDS, "pct_backbone", "ppt"]
 
 
@@ -373,7 +378,8 @@ def _group_rank(group: str) -> tuple[int, str]:
 
 
 # -- export -------------------------------------------------------------------------------
-EXPORT_COLUMNS = ("task", "task_group", "backbone", "method", "setting", "n_seeds", "seeds",
+EXPORT_COLUMNS = ("task", "task_group", "backbone", "method", "setting", "shots", "n_seeds",
+                  "seeds",
                   "val_acc", "val_acc_std", "test_acc", "test_acc_std", "test_loss",
                   "test_loss_std", "trainable_params", "trainable_params_excl_head",
                   "backbone_params", "pct_backbone", "weight_bytes", "train_time_s",

@@ -1,7 +1,8 @@
 """Task data: folder formats, the image dataset and the embedded task suite.
 
-A data SPEC is ``embedded:<task>`` or a folder path (VTAB-1k task folder, FGVC folder with
-train/val/test.json, or an ImageFolder tree).
+A data SPEC is ``embedded:<task>``, ``embedded:pool`` / ``embedded:pool-except-<task>`` (the
+default suite pooled, see :mod:`.embedded.pool`) or a folder path (VTAB-1k task folder, FGVC
+folder with train/val/test.json, or an ImageFolder tree).
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ def check_data_spec(spec: str) -> None:
     """Fail fast (before any run exists) on a SPEC that cannot work; cheap: reads no images."""
     if spec.startswith(EMBEDDED_PREFIX):
         from .embedded import get_task
+        from .embedded.pool import is_pool, pool_members
 
-        get_task(spec[len(EMBEDDED_PREFIX):])  # raises, listing the tasks, when unknown
+        name = spec[len(EMBEDDED_PREFIX):]
+        if is_pool(name):
+            pool_members(name)  # raises, listing the tasks, when it leaves out an unknown one
+        else:
+            get_task(name)  # raises, listing the tasks, when unknown
         return
     path = Path(spec).expanduser()
     if not path.exists():
@@ -39,8 +45,11 @@ def resolve_data(spec: str, *, seed: int = 0, progress=None) -> TaskSplits:
     """Read the task a SPEC names, generating an embedded task on first use."""
     if spec.startswith(EMBEDDED_PREFIX):
         from .embedded import ensure_task
+        from .embedded.pool import is_pool, read_pool
 
         name = spec[len(EMBEDDED_PREFIX):]
+        if is_pool(name):  # several embedded tasks as one (data/embedded/pool.py)
+            return read_pool(name, progress=progress)
         task = read_vtab(ensure_task(name, progress=progress))
         task.name = name
         task.format = "embedded"

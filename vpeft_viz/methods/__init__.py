@@ -22,6 +22,7 @@ from . import (  # noqa: F401  (registration: one line per method)
     hst,
     lora,
     lowbit,
+    pvp,
     sct,
     spt,
     ssf,

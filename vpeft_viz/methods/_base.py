@@ -28,6 +28,22 @@ class MethodConfig(Config):
     """Base for per-method hyperparameters (see each method's dataclass)."""
 
 
+@dataclass(frozen=True)
+class SourceRequest:
+    """Another run a method starts from (PVP: prompts pre-trained on a source task).
+
+    The run engine finds that run, or trains the default one on first use
+    (``vpeft_viz/runs/sources.py``), and hands its weights to :meth:`PeftMethod.load_source`
+    before ``attach``.
+    """
+
+    method: str  # the source run's method (its weights must fit this method's modules)
+    method_config: dict[str, Any]  # settings the source must have (shape-defining ones)
+    run: str | None = None  # a finished run's id or directory; None: the default source
+    epochs: int = 10  # training epochs of the default source when it is trained
+    seed: int = 0  # seed of the default source
+
+
 class PeftModule(nn.Module):
     """Marker base for every module a method adds.
 
@@ -87,9 +103,11 @@ class PeftMethod:
     # Seeds of this method in the shipped cached_runs/ store, on each of its tasks (see
     # vpeft_viz/runs/cached.py); empty: not shipped.
     cached_seeds: ClassVar[tuple[int, ...]] = (0, 1)
-    # Extra shipped runs at other settings (seed 0), as (label, settings, tasks): e.g. DyT at a
-    # second target rate; run ids <task>-<method>-<label>-s0.
-    cached_variants: ClassVar[tuple[tuple[str, dict[str, Any], tuple[str, ...]], ...]] = ()
+    # Extra shipped runs at other settings, as (label, settings, tasks) — seed 0, e.g. DyT at
+    # a second target rate — or (label, settings, tasks, train, seeds) with training settings
+    # and seeds of their own (PVP's few-shot runs: {"shots": 4}); run ids
+    # <task>-<method>-<label>-s<seed>.
+    cached_variants: ClassVar[tuple[tuple[Any, ...], ...]] = ()
     # Exact trainable parameters (head excluded) on timm's vit_base_patch16_224, as
     # (settings, count) pairs that tests and docs/methods.md check; empty with a reason in
     # vit_b_uncounted when the count depends on data.
@@ -142,6 +160,15 @@ class PeftMethod:
         :func:`vpeft_viz.train.fit` (``train.Callback``'s hooks, duck-typed: methods sit below
         the engine). VeLoRA schedules its gradient probes from the step count they report."""
         return []
+
+    def source_request(self) -> SourceRequest | None:
+        """The run whose trained weights this method starts from, or None (most methods)."""
+        return None
+
+    def load_source(self, weights: dict[str, torch.Tensor], identity: dict[str, Any]) -> None:
+        """Take the source run's stored weights (before ``attach``); ``identity`` says which
+        run they are (id, store, method, data, backbone), for the method's state."""
+        raise NotImplementedError(f"{self.name} starts from no source run")
 
     def training_loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                       criterion: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

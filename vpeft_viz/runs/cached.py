@@ -51,16 +51,22 @@ Progress = Callable[[int, int, str], None]  # (runs finished, runs planned, mess
 
 
 def variant_specs(*, quick: bool = False) -> list[dict[str, Any]]:
-    """The extra shipped runs methods declare at other settings (``cached_variants``)."""
+    """The extra shipped runs methods declare at other settings (``cached_variants``): method
+    settings on some tasks with seed 0, or also training settings (``epochs``, ``shots``, …)
+    and seeds of their own. ``quick``: the first seed, one epoch."""
     from ..methods import get_method_class, method_names
 
     out = []
     for method in method_names():
-        for label, settings, tasks in get_method_class(method).cached_variants:
+        for label, settings, tasks, *more in get_method_class(method).cached_variants:
+            train, seeds = (dict(more[0]), tuple(more[1])) if more else ({}, (0,))
+            epochs = int(train.pop("epochs", EPOCHS))
             for task in tasks:
-                out.append({"method": method, "task": task, "seed": 0,
-                            "epochs": 1 if quick else EPOCHS, "settings": dict(settings),
-                            "run_id": f"{task}-{method}-{label}-s0"})
+                for seed in seeds[:1] if quick else seeds:
+                    out.append({"method": method, "task": task, "seed": int(seed),
+                                "epochs": 1 if quick else epochs, "settings": dict(settings),
+                                "train": train, "label": label,
+                                "run_id": f"{task}-{method}-{label}-s{seed}"})
     return out
 
 
@@ -73,7 +79,7 @@ def planned_runs(recipe: Sequence[tuple[str, str, Sequence[int], int]] | None = 
     for method, task, seeds, epochs in (default_recipe() if recipe is None else recipe):
         for seed in (seeds[:1] if quick else seeds):
             out.append({"method": method, "task": task, "seed": int(seed),
-                        "epochs": 1 if quick else int(epochs), "settings": {},
+                        "epochs": 1 if quick else int(epochs), "settings": {}, "train": {},
                         "run_id": f"{task}-{method}-s{seed}"})
     return out + (variant_specs(quick=quick) if recipe is None else [])
 
@@ -83,8 +89,8 @@ def _run_config(spec: dict[str, Any], pretrained: bool, device: str = "auto") ->
 
     return make_run_config(method=spec["method"], data=f"embedded:{spec['task']}",
                            pretrained=pretrained, method_config=spec.get("settings") or None,
-                           train={"epochs": spec["epochs"], "seed": spec["seed"],
-                                  "device": device})
+                           train={**spec.get("train", {}), "epochs": spec["epochs"],
+                                  "seed": spec["seed"], "device": device})
 
 
 def _finished(store: RunStore, spec: dict[str, Any], pretrained: bool,
@@ -98,6 +104,21 @@ def _finished(store: RunStore, spec: dict[str, Any], pretrained: bool,
                 and same_recipe(run.config, _run_config(spec, pretrained, device)))
     except Exception:
         return False
+
+
+def _sources(store: RunStore, run_ids: Sequence[str]) -> list[str]:
+    """The source runs (``summary.json``'s ``source_run``, PVP's pre-trained prompts) that
+    the given runs started from and that live in ``store``: trained there on first use
+    (vpeft_viz/runs/sources.py), kept with the runs that need them."""
+    out: list[str] = []
+    for run_id in run_ids:
+        try:
+            source = (store.get(run_id).summary() or {}).get("source_run")
+        except Exception:
+            continue
+        if source and source not in out and (store.root / source / "config.json").is_file():
+            out.append(source)
+    return out
 
 
 def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progress | None = None,
@@ -136,6 +157,9 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
     trained: list[str] = []
     for i, spec in enumerate(specs):
         label = f"{spec['method']} on {spec['task']}, seed {spec['seed']}"
+        if spec["settings"] or spec.get("train"):
+            label += " (" + ", ".join(f"{k}={v}" for k, v in {**spec["settings"],
+                                                              **spec["train"]}.items()) + ")"
         if _finished(store, spec, pretrained, device):
             if progress:
                 progress(i + 1, len(specs), f"kept {label} (same settings)")
@@ -161,14 +185,16 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
                 "weight_limit_bytes": WEIGHT_LIMIT_BYTES,
                 "recipe": [{"method": m, "task": t, "seeds": list(s), "epochs": e}
                            for m, t, s, e in recipe],
-                "variants": [{k: s[k] for k in ("run_id", "method", "task", "settings")}
-                             for s in specs if s["settings"]],
+                "variants": [{k: s[k] for k in ("run_id", "method", "task", "settings",
+                                                "train")}
+                             for s in specs if s["settings"] or s.get("train")],
                 "runs": [s["run_id"] for s in specs], "trained": trained,
                 "kept": [s["run_id"] for s in specs if s["run_id"] not in trained],
+                "sources": _sources(store, [s["run_id"] for s in specs]),
                 "versions": versions()}
     if previous and isinstance(previous, dict) and previous.get("generated"):
         manifest["previous_generation"] = previous["generated"]
-    planned = {s["run_id"] for s in specs}
+    planned = {s["run_id"] for s in specs} | set(manifest["sources"])
     for stale in store.list():  # left by an interrupted attempt under an older recipe
         if stale.id not in planned:
             shutil.rmtree(stale.path)
@@ -202,9 +228,17 @@ def readme() -> str:
         for s, names in by_seeds.items())
     views = sorted({m for names in by_seeds.values() for m in names
                     if get_method_class(m).view_page})
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for spec in variant_specs():  # one entry per variant, its tasks and seeds together
+        groups.setdefault((spec["method"], spec["label"]), []).append(spec)
     variants = "; ".join(
-        f"`{s['run_id']}` (" + ", ".join(f"{k}={v}" for k, v in s["settings"].items()) + ")"
-        for s in variant_specs())
+        f"`<task>-{method}-{label}-s<seed>` (" + ", ".join(f"{k}={v}" for k, v in {
+            **specs[0]["settings"], **specs[0]["train"],
+            **({"epochs": specs[0]["epochs"]} if specs[0]["epochs"] != EPOCHS else {})
+        }.items()) + f"; {', '.join(dict.fromkeys(s['task'] for s in specs))}; seed"
+        + ("s " if len({s["seed"] for s in specs}) > 1 else " ")
+        + ", ".join(str(x) for x in sorted({s["seed"] for s in specs})) + ")"
+        for (method, label), specs in groups.items())
     return f"""# cached_runs/ — the shipped run store
 
 A read-only store of finished runs in the run-directory format (see `docs/run-store.md`),
@@ -234,6 +268,9 @@ epoch) checks the recipe.
   (logistic regression on raw pixels, `python -m vpeft_viz pixels --store cached_runs`);
   it does not depend on the backbone, so regeneration keeps it.
 - `<task>-<method>-s<seed>/`: one run each (config, status, metrics, summary, eval).
+- `pool-except-<task>-<method>-s<seed>-<hash>/`: source runs that shipped runs started from
+  (PVP's prompts pre-trained on the other embedded tasks pooled), trained on first use by
+  the run that needed them and listed under `sources` in the manifest.
 - Weights files larger than {WEIGHT_LIMIT_BYTES:,} bytes are not shipped (full fine-tuning, HST):
   such a run's `summary.json` still gives `weight_bytes` and says `"weights_shipped": false`.
 - Model selection: each run keeps the epoch with the best validation accuracy and reports

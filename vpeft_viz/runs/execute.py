@@ -38,8 +38,9 @@ from ..backbones import (
     input_stats,
 )
 from ..config import ConfigError
-from ..data import check_data_spec, check_task_files, resolve_data
+from ..data import EMBEDDED_PREFIX, check_data_spec, check_task_files, resolve_data
 from ..data.dataset import NORMALIZATIONS, ImageDataset, make_loader, resolve_normalization
+from ..data.fewshot import apply_shots
 from ..methods import attach_method, count_parameters, create_method
 from ..train import (
     Callback,
@@ -82,6 +83,8 @@ def make_run_config(*, method: str, data: str, backbone: str | None = None,
         raise ConfigError(f"data.normalization must be one of {', '.join(NORMALIZATIONS)}; "
                           f"got {normalization!r}")
     check_data_spec(data)
+    if t.shots and not data.startswith(EMBEDDED_PREFIX):  # embedded tasks: checked at run time
+        apply_shots(resolve_data(data, seed=t.seed), t.shots, t.split_seed)
     try:  # a typo or a non-ViT fails here, before a run directory exists
         check_backbone_name(backbone or EMBEDDED_BACKBONE)
     except BackboneError as e:
@@ -94,7 +97,7 @@ def make_run_config(*, method: str, data: str, backbone: str | None = None,
     data_cfg: dict[str, Any] = {"spec": data, "name": name, "normalization": normalization}
     if warnings:
         data_cfg["warnings"] = warnings
-    return {
+    config = {
         "method": method,
         "method_config": m.config.to_dict(),
         "backbone": {"name": backbone or EMBEDDED_BACKBONE, "pretrained": pretrained,
@@ -103,6 +106,11 @@ def make_run_config(*, method: str, data: str, backbone: str | None = None,
         "train": t.to_dict(),
         "versions": versions(),
     }
+    if m.source_request() is not None:  # a named source run must exist and fit (PVP)
+        from .sources import check_source
+
+        check_source(config)
+    return config
 
 
 MAX_LOSS_POINTS = 240  # per-step losses kept in status.json (the last ones, ~2 min at 2/s)
@@ -251,12 +259,21 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
     train_cfg = TrainConfig.from_dict(cfg["train"])
     method = create_method(cfg["method"], cfg["method_config"])
     device = resolve_device(train_cfg.device)
+    source = None
+    if method.source_request() is not None:  # before seeding: a source trained now or found
+        from .sources import start_from_source  # leaves the run's own randomness the same
+
+        source = start_from_source(run, method, callbacks)
+        run.write_method_state(method.state())
+        stop_if_cancelled(run)
     reset_peak_memory(device)  # the run's own peak, not its process's earlier high-water
     seed_everything(train_cfg.seed)
 
     run.update_progress(phase="data")
     stop_if_cancelled(run)
     task = resolve_data(cfg["data"]["spec"], seed=train_cfg.seed)
+    full_train = len(task.splits["train"])
+    task = apply_shots(task, train_cfg.shots, train_cfg.split_seed)  # few-shot: data/fewshot.py
     stop_if_cancelled(run)
     bb = cfg["backbone"]
     if bb["pretrained"] and not bb["checkpoint"] and not hub_weights_cached(bb["name"]):
@@ -309,7 +326,13 @@ def _execute(run: Run, cfg: dict, callbacks: list[Callback]) -> dict[str, Any]:
         "train_time_s": train_time, "images_per_s": images / train_time if train_time else 0.0,
         "device": str(device), "cancelled": result.cancelled,
         "warnings": list(cfg["data"].get("warnings") or []),
+        "train_size": len(task.splits["train"]),
     }
+    if train_cfg.shots:
+        summary.update(shots=train_cfg.shots, shots_seed=train_cfg.split_seed,
+                       train_size_full=full_train)
+    if source is not None:
+        summary["source_run"] = source["run_id"]
     if len(finished) > 1:
         summary["rounds"] = len(finished)
     if result.cancelled:

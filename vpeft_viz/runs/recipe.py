@@ -5,7 +5,8 @@ what it ran (``versions``, data ``warnings``, the data's display name). Two conf
 same experiment when their *recipes* are equal: the method and every one of its settings,
 the backbone (name, pretrained, checkpoint), the data (spec and normalisation) and the whole
 training recipe, seed and device included. Configs are built with today's defaults filled
-in, so a run made under an older default is a different recipe.
+in, so a run made under an older default is a different recipe; a training setting *added*
+since a run was made is read as its default (which reproduces what the run did).
 
 ``cached.py`` keeps a shipped run only when its recipe equals what the recipe would create
 now; a sweep (``runs/sweep``) skips a planned run when a finished run of the store has the
@@ -23,10 +24,25 @@ RECIPE_FIELDS = ("method", "method_config", "backbone", "train")  # whole entrie
 DATA_FIELDS = ("spec", "normalization")  # the entries of config["data"] that define the data
 
 
+def _train_recipe(train: Any) -> Any:
+    """A stored training recipe with settings added since it was made read as their defaults
+    (which reproduce what such a run did, e.g. ``shots`` unset: the whole split)."""
+    from ..config import ConfigError
+    from ..train import TrainConfig
+
+    if not isinstance(train, Mapping):
+        return train
+    try:
+        return TrainConfig.from_dict(dict(train)).to_dict()
+    except (ConfigError, TypeError, ValueError):  # a setting since removed: compared as is
+        return dict(train)
+
+
 def recipe(config: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a run config that defines the experiment (see the module docstring)."""
     data = config.get("data") or {}
     out = {k: config.get(k) for k in RECIPE_FIELDS}
+    out["train"] = _train_recipe(out["train"])
     out["data"] = {k: data.get(k) for k in DATA_FIELDS}
     return out
 

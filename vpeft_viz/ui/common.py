@@ -184,6 +184,8 @@ TABLE_HELP = {
     "Test ±": "Sample standard deviation over seeds", "Val ±": "Sample standard deviation "
     "over seeds", "Val acc": "Best validation accuracy (%), mean over seeds",
     "Trainable": "Trainable parameters, classifier head included",
+    "Shots": "Training images per class (few-shot split of the training split, "
+             "train.shots); all: the whole training split",
     "Excl. head": "Trainable parameters of the method alone",
     "% of backbone": "Trainable parameters without the head, as a share of the backbone's",
     "Bytes per task": "Size of the weights file a task must keep (trainable tensors only)",
@@ -214,6 +216,9 @@ def comparison_frame(agg: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
         "PPT": 100 * agg["ppt"],
     }).reset_index(drop=True)
     t["Setting"] = t["Setting"].map(lambda v: v if isinstance(v, str) and v else None)
+    if "shots" in agg and agg["shots"].notna().any():  # few-shot runs among them
+        t.insert(2, "Shots", [f"{int(v)} per class" if pd.notna(v) else "all"
+                              for v in agg["shots"]])
     constant: dict[str, str] = {}
     if len(t) > 1:
         for col in list(t.columns):

@@ -6,9 +6,10 @@ panel is a fragment that refreshes itself every second while runs are queued or 
 and slowly otherwise (to notice runs launched from another tab or the command line).
 
 A run is labelled with what tells it apart at a glance (method, task, backbone, epochs,
-seed). A finished run keeps its card, its curves and a link to the Compare page on its task;
-during the first epoch, before any per-epoch point exists, the card draws the per-step
-training loss the run records in its progress (``loss_curve``). Dismissing a failed run
+k-shot when few-shot, seed). A finished run keeps its card, its curves and a link to the
+Compare page on its task; during the first epoch, before any per-epoch point exists, the
+card draws the per-step training loss the run records in its progress (``loss_curve``).
+Dismissing a failed run
 writes an empty ``dismissed`` file into its directory: the panel no longer lists it, and the
 run itself is left as it is.
 """
@@ -34,6 +35,7 @@ STATE_ICONS = {"queued": ":material/schedule:", "running": ":material/play_circl
                "cancelled": ":material/cancel:"}
 PHASES = {"data": "loading data", "weights": "downloading weights",
           "prepare": "preparing the method (selection from data)",
+          "source": "finding the source run (PVP's pre-trained prompts)",
           "test": "testing the selected weights"}
 
 
@@ -83,6 +85,7 @@ def run_label(config: dict[str, Any]) -> str:
     return " · ".join([str(config.get("method", "?")), str(config.get("data", {}).get("name", "?")),
                        str(config.get("backbone", {}).get("name", "?")),
                        f"{epochs} epoch{'' if epochs == 1 else 's'}",
+                       *([f"{train['shots']}-shot"] if train.get("shots") else []),
                        f"seed {train.get('seed', '?')}"])
 
 
@@ -172,6 +175,11 @@ def progress_text(progress: dict[str, Any], cancelling: bool = False) -> tuple[f
         done, total = int(progress.get("prepare_done") or 0), int(progress["prepare_total"])
         frac = min(1.0, done / total)
         text = f"{PHASES['prepare']}: {done}/{total}"
+    elif phase == "source" and progress.get("source_steps"):  # training it on first use
+        done, total = int(progress.get("source_step") or 0), int(progress["source_steps"])
+        frac = min(1.0, done / total)
+        text = (f"training the source run {progress.get('source_run', '')} (first use only): "
+                f"step {done}/{total}")
     elif phase in PHASES or not steps:
         text = PHASES.get(phase, "starting…")
     else:

@@ -299,3 +299,20 @@ def test_first_epoch_shows_a_per_step_loss_curve(store, spawned, task):
     (chart,) = at.get("plotly_chart")
     fig = json.loads(chart.proto.spec)
     assert fig["data"][0]["y"] == [1.2, 0.9, 0.75]
+
+
+def test_new_seed_methods_launch_from_the_form(store, spawned, task):
+    """VeLoRA, HST and PVP (and a few-shot split) are launched like any method: their
+    settings come from the registry into the form and the queued configs."""
+    at = _with_folder(_page(), task)
+    at.multiselect(key="methods").set_value(["velora", "hst", "pvp"]).run()
+    assert not at.exception
+    at.number_input(key="train.epochs").set_value(1).run()
+    at.button(key="launch").click().run()
+    assert not at.exception, at.exception
+    jobs = queue.queue_state(store).queued
+    assert sorted(j.config["method"] for j in jobs) == ["hst", "pvp", "velora"]
+    velora = next(j.config for j in jobs if j.config["method"] == "velora")
+    assert velora["method_config"]["groups"] == 32
+    pvp = next(j.config for j in jobs if j.config["method"] == "pvp")
+    assert pvp["method_config"]["init"] == "pretrained"

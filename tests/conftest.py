@@ -97,3 +97,9 @@ def stores(tmp_path, monkeypatch):
     monkeypatch.setattr(run_stores, "CACHED_STORE", tmp_path / "cached")
     monkeypatch.setattr(queue, "ensure_worker", lambda store: [])
     return tmp_path
+
+
+def page_text(at) -> str:
+    """Every message a page rendered in an AppTest (markdown, captions, alerts), joined."""
+    kinds = ("markdown", "caption", "info", "warning", "success", "error")
+    return "\n".join(str(e.value) for k in kinds for e in getattr(at, k))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import page_text as text
 from streamlit.testing.v1 import AppTest
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, TensorDataset
@@ -59,11 +60,6 @@ def with_runs(stores: Path) -> Path:
     write_run(user, "full", "count", 0, test_acc=0.7)
     write_run(user, "adaptformer", "count", 0, test_acc=0.65)
     return stores
-
-
-def text(at: AppTest) -> str:
-    kinds = ("markdown", "caption", "info", "warning", "success", "error")
-    return "\n".join(str(e.value) for k in kinds for e in getattr(at, k))
 
 
 # The page on an empty store: tests/test_registry.py, for every view page.

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import page_text as text
 from streamlit.testing.v1 import AppTest
 
 import vpeft_viz.runs as run_stores
@@ -22,11 +23,6 @@ def train(data: Path, method: str, method_config: dict | None = None) -> None:
                           method_config=method_config,
                           train={"epochs": 1, "batch_size": 8, "warmup_epochs": 0})
     execute_run(run_stores.user_store().create(cfg))
-
-
-def text(at: AppTest) -> str:
-    kinds = ("markdown", "caption", "info", "warning", "success", "error")
-    return "\n".join(str(e.value) for k in kinds for e in getattr(at, k))
 
 
 # The page on an empty store: tests/test_registry.py, for every view page.

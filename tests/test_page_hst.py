@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import page_text as text
 from streamlit.testing.v1 import AppTest
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, TensorDataset
@@ -59,11 +60,6 @@ def with_runs(stores: Path) -> Path:
     write_run(user, "count", 0)
     write_run(user, "digits", 1, depth=2, settings={"meta_tokens": 2})
     return stores
-
-
-def text(at: AppTest) -> str:
-    kinds = ("markdown", "caption", "info", "warning", "success", "error")
-    return "\n".join(str(e.value) for k in kinds for e in getattr(at, k))
 
 
 def test_hst_page_with_runs(with_runs):

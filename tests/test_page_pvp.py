@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import page_text as text
 from streamlit.testing.v1 import AppTest
 from timm.models.vision_transformer import VisionTransformer
 
@@ -63,11 +64,6 @@ def with_runs(stores: Path) -> Path:
     write_run(user, "count", "pretrained", None, 0, 0.6)
     write_run(run_stores.RunStore(stores / "cached"), "digits", "random", 4, 0, 0.2)
     return stores
-
-
-def text(at: AppTest) -> str:
-    kinds = ("markdown", "caption", "info", "warning", "success", "error")
-    return "\n".join(str(e.value) for k in kinds for e in getattr(at, k))
 
 
 def test_pvp_page_with_runs(with_runs):

@@ -6,15 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from _sweep_data import write_fake_sweep
+from conftest import page_text as text
 from streamlit.testing.v1 import AppTest
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "14_Sweeps.py")
 TIMEOUT = 180
-
-
-def text(at: AppTest) -> str:
-    kinds = ("markdown", "caption", "info", "warning", "success", "error")
-    return "\n".join(str(e.value) for k in kinds for e in getattr(at, k))
 
 
 def test_empty_store_says_how_to_start_a_sweep(stores):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import page_text as text
 from streamlit.testing.v1 import AppTest
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, TensorDataset
@@ -59,11 +60,6 @@ def with_runs(stores: Path) -> Path:
     write_run(user, "lora", "count", 0, test_acc=0.64)
     write_run(user, "lora", "count", 1, test_acc=0.60)
     return stores
-
-
-def text(at: AppTest) -> str:
-    kinds = ("markdown", "caption", "info", "warning", "success", "error")
-    return "\n".join(str(e.value) for k in kinds for e in getattr(at, k))
 
 
 def test_velora_page_with_runs(with_runs):

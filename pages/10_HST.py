@@ -11,8 +11,6 @@ import streamlit as st
 from vpeft_viz.analysis import hst as ana
 from vpeft_viz.methods import methods_with_view
 from vpeft_viz.plots import hst as plots
-from vpeft_viz.runs import RunStoreError
-from vpeft_viz.runs.store import Run
 from vpeft_viz.ui import method_views
 
 METHODS = methods_with_view(Path(__file__).name)  # from each method's view_page
@@ -40,11 +38,7 @@ rec = method_views.read_record(run, ana.SideRecord.from_artifacts, "HST side-net
 if rec is None:
     st.stop()
 summary = method_views.run_summary(run)
-try:
-    class_names = list(Run(Path(run.path), read_only=True).load_artifact("eval.json")
-                       .get("class_names") or [])
-except RunStoreError:
-    class_names = []
+class_names = method_views.run_class_names(run)
 layers = ana.layer_table(rec)
 blocks = ana.block_table(rec)
 uniform = rec.num_meta / (rec.num_meta + 1)  # equal attention to every key

@@ -12,8 +12,6 @@ from vpeft_viz.analysis import dyt as dyt_view
 from vpeft_viz.methods import methods_with_view
 from vpeft_viz.plots import dyt as plots
 from vpeft_viz.plots import human_count
-from vpeft_viz.runs import RunStoreError
-from vpeft_viz.runs.store import Run
 from vpeft_viz.ui import method_views
 from vpeft_viz.ui.stores import load_run_table
 
@@ -33,11 +31,7 @@ rec = method_views.read_record(run, dyt_view.TokenRecord.from_artifacts, "token"
 if rec is None:
     st.stop()
 target = float(run.config.get("method_config", {}).get("r", 0.5))
-try:
-    class_names = list(Run(Path(run.path), read_only=True).load_artifact("eval.json")
-                       .get("class_names") or [])
-except RunStoreError:
-    class_names = []
+class_names = method_views.run_class_names(run)
 lat = rec.latency_ms
 
 c = st.columns(4)

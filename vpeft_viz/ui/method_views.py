@@ -109,6 +109,15 @@ def run_summary(run: MethodRun) -> dict[str, Any]:
         return {}
 
 
+def run_class_names(run: MethodRun) -> list[str]:
+    """The class names the run's ``eval.json`` recorded (empty when absent or unreadable)."""
+    try:
+        return list(Run(Path(run.path), read_only=True).load_artifact("eval.json")
+                    .get("class_names") or [])
+    except RunStoreError:
+        return []
+
+
 def run_picker(runs: list[MethodRun], *, label: str, key: str, index: int = 0) -> MethodRun:
     i = st.selectbox(label, range(len(runs)), index=min(index, len(runs) - 1),
                      format_func=lambda j: runs[j].label, key=key)

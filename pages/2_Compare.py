@@ -61,7 +61,7 @@ pixel_rows = reference_rows(agg, reference)
 st.subheader("Per task")
 st.caption(f"{len(runs)} runs in {len(agg)} groups; a group is one task × backbone × method "
            "× setting, averaged over its seeds (Seeds = how many). Setting names what differs "
-           "between the loaded runs, where a run departs from the usual value.")
+           "between the loaded runs.")
 show_pixels = not pixel_rows.empty and st.toggle(
     "Show the “pixels, no backbone” reference", value=True, key="pixels",
     help="A logistic regression on the raw standardised pixels of train800, C chosen on "

@@ -361,24 +361,3 @@ def test_regenerate_refuses_random_init_unless_quick(tmp_path, monkeypatch) -> N
         cached.variant_specs())
     assert {r["run_id"] for r in cached.planned_runs()} >= {
         "count-lora-s1", "count-full-s0", "digits-sct-s0", "retinopathy-spt-adapter-s0"}
-
-
-def test_shared_settings_are_named_where_they_depart_from_the_usual_value() -> None:
-    """20-epoch few-shot runs say epochs=20; the many 10-epoch groups stay unlabelled; a
-    3-epoch LoRA beside a 10-epoch one is told apart; a tie names both."""
-    from vpeft_viz.analysis.compare import setting_labels
-
-    def key(method, epochs, **cfg):
-        return json.dumps({"method": method, "train.epochs": epochs,
-                           **{f"method_config.{k}": v for k, v in cfg.items()}},
-                          sort_keys=True)
-
-    many = [key(m, 10) for m in ("linear", "lora", "ssf", "bitfit")]
-    few = key("pvp", 20, init="random")
-    pvp = key("pvp", 10, init="pretrained")
-    labels = setting_labels([*many, few, pvp])
-    assert all(labels[k] == "" for k in many)
-    assert labels[few] == "epochs=20, init=random" and labels[pvp] == "init=pretrained"
-    mine, shipped = key("lora", 3), key("lora", 10)
-    tie = setting_labels([mine, shipped])
-    assert tie[mine] == "epochs=3" and tie[shipped] == "epochs=10"

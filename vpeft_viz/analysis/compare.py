@@ -22,7 +22,6 @@ import io
 import json
 import math
 import warnings
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,22 +114,15 @@ def _short(key: str, keys: Iterable[str]) -> str:
     return key if clash else last
 
 
-_UNSET = "\x00unset"  # an entry a setting lacks, when counting its usual value
-
-
 def setting_labels(setting_keys: Iterable[str]) -> dict[str, str]:
     """A short label per setting (``setting_key`` JSON → ``"epochs=3, rank=4"``).
 
     A run's label names the settings that differ across *all* the settings given (every
     store loaded together, so a 3-epoch LoRA of yours and the shipped 10-epoch LoRA are
-    told apart): a shared entry (epochs, lr, backbone, device...) that differs anywhere is
-    named where it departs from its usual value — the one strictly more settings have than
-    any other (a tie: named everywhere) — so 20-epoch few-shot runs say ``epochs=20`` and do
-    not make every 10-epoch group say ``epochs=10``; a method's own entries
-    (``method_config.*``) are named when they differ between settings of that method. Empty
-    when nothing differs. An entry a setting lacks (unset, e.g. a run on the whole training
-    split has no ``shots``) is never named; "unset" counts as a value when finding the usual
-    one.
+    told apart): a shared entry (epochs, lr, backbone, device...) as soon as it differs
+    anywhere, a method's own entries (``method_config.*``) when they differ between settings
+    of that method. Empty when nothing differs. An entry a setting lacks (unset, e.g. a run
+    on the whole training split has no ``shots``) is left out of its label.
     """
     settings = {k: json.loads(k) for k in dict.fromkeys(setting_keys)}
     by_method: dict[Any, list[str]] = {}
@@ -143,23 +135,13 @@ def setting_labels(setting_keys: Iterable[str]) -> dict[str, str]:
         return sorted(n for n in names
                       if len({json.dumps(settings[key].get(n)) for key in keys}) > 1)
 
-    def usual(n: str) -> str | None:
-        counts = Counter(json.dumps(s.get(n, _UNSET)) for s in settings.values())
-        (top, k), *rest = counts.most_common(2)
-        return top if not rest or k > rest[0][1] else None
-
     shared = varying(list(settings), own=False)
-    usual_value = {n: usual(n) for n in shared}
     labels = {}
     for keys in by_method.values():
-        own = varying(keys, own=True)
-        entries = [*shared, *own]
+        entries = [*shared, *varying(keys, own=True)]
         for key in keys:  # an entry a setting lacks is unset (its default): not named
-            named = [n for n in own if n in settings[key]] + [
-                n for n in shared if n in settings[key]
-                and json.dumps(settings[key][n]) != usual_value[n]]
             labels[key] = ", ".join(f"{_short(n, entries)}={settings[key][n]}"
-                                    for n in entries if n in named)
+                                    for n in entries if n in settings[key])
     return labels
 
 

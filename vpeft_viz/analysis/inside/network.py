@@ -135,6 +135,21 @@ def token_cka(frozen, models: Sequence, data, batch_size: int,
             "frozen_cls": frozen_cls, "cls": cls, "labels": np.concatenate(labels)}
 
 
+def _stored_or_todo(runs: Sequence[tuple[str | Path, bool]],
+                    load: Callable[[str | Path, bool], dict[str, Any] | None],
+                    ) -> tuple[dict[str, dict[str, Any]], list[tuple[Path, bool]]]:
+    """The records ``load`` finds (by run path) and the runs that have none yet."""
+    out: dict[str, dict[str, Any]] = {}
+    todo = []
+    for path, writable in runs:
+        rec = load(path, writable)
+        if rec is None:
+            todo.append((Path(path), writable))
+        else:
+            out[str(path)] = rec
+    return out, todo
+
+
 def measure_runs(runs: Sequence[tuple[str | Path, bool]], settings: NetworkSettings, *,
                  progress: Progress | None = None, models: dict | None = None,
                  frozen: Any = None) -> dict[str, dict[str, Any]]:
@@ -144,14 +159,7 @@ def measure_runs(runs: Sequence[tuple[str | Path, bool]], settings: NetworkSetti
     ``models`` (path → trained model) and ``frozen`` ((model, task)) skip rebuilding what
     the caller already holds.
     """
-    out: dict[str, dict[str, Any]] = {}
-    todo = []
-    for path, writable in runs:
-        rec = load_network(path, settings, writable=writable)
-        if rec is None:
-            todo.append((Path(path), writable))
-        else:
-            out[str(path)] = rec
+    out, todo = _stored_or_todo(runs, lambda p, w: load_network(p, settings, writable=w))
     if not todo:
         return out
     specs = {FrozenSpec.of(run_config(p)) for p, _ in todo}
@@ -247,14 +255,7 @@ def fit_probes(runs: Sequence[tuple[str | Path, bool]], settings: NetworkSetting
     """Linear separability per layer of ``runs`` and of their frozen backbone (stored as
     records); needs their CKA records (:func:`measure_runs`) for the test features. Returns
     the records by run path, the frozen one under ``"frozen"``."""
-    out: dict[str, dict[str, Any]] = {}
-    todo = []
-    for path, writable in runs:
-        rec = load_probes(path, settings, writable=writable)
-        if rec is None:
-            todo.append((Path(path), writable))
-        else:
-            out[str(path)] = rec
+    out, todo = _stored_or_todo(runs, lambda p, w: load_probes(p, settings, writable=w))
     specs = {FrozenSpec.of(run_config(p)) for p, _ in runs}
     if len(specs) > 1:
         raise ValueError("these runs start from different backbones or tasks")

@@ -111,3 +111,54 @@ def test_attention_maps(tiny_vit, method):
     # the maps are the ones the model computes: logits are unchanged by the hooks
     with torch.no_grad():
         assert torch.allclose(tiny_vit(x), tiny_vit(x))
+
+
+# -- which weights a run started from ---------------------------------------------------
+def test_runs_record_their_backbone_weights_and_refuse_others(vtab_task, tmp_path):
+    """A run's stored weights only reproduce it on the same frozen backbone: the run records
+    the fingerprint of the weights it started from, and rebuilding it on changed weights
+    fails with a message naming both, instead of silently giving another model."""
+    from safetensors.torch import load_file
+
+    from vpeft_viz.backbones import weights_fingerprint
+    from vpeft_viz.runs.execute import execute_run, make_run_config
+    from vpeft_viz.runs.store import RunStore, RunStoreError
+    from vpeft_viz.runs.weights import load_run_model
+
+    ckpt = tmp_path / "backbone.safetensors"
+    state = load_file(str(EMBEDDED_WEIGHTS))
+    save_file(state, str(ckpt))
+    cfg = make_run_config(method="lora", data=str(vtab_task), checkpoint=str(ckpt),
+                          train={"epochs": 1, "batch_size": 8, "warmup_epochs": 0})
+    assert cfg["backbone"]["weights"] == weights_fingerprint(ckpt)
+    run = RunStore(tmp_path / "store").create(cfg)
+    execute_run(run)
+    load_run_model(run)  # same weights: fine
+    state["blocks.0.attn.qkv.weight"] = state["blocks.0.attn.qkv.weight"] * 1.01
+    save_file(state, str(ckpt))
+    with pytest.raises(RunStoreError, match="was trained on backbone weights sha256:"):
+        load_run_model(run)
+    ckpt.unlink()
+    with pytest.raises(RunStoreError, match="checkpoint file not found"):
+        load_run_model(run)
+
+
+def test_runs_from_before_the_record_read_as_the_first_embedded_weights(vtab_task):
+    from vpeft_viz.backbones import (
+        EMBEDDED_WEIGHTS_V1,
+        recorded_weights_id,
+        weights_fingerprint,
+    )
+    from vpeft_viz.runs.execute import make_run_config
+    from vpeft_viz.runs.recipe import config_hash, same_recipe
+
+    cfg = make_run_config(method="lora", data=str(vtab_task))
+    assert cfg["backbone"]["weights"] == weights_fingerprint(EMBEDDED_WEIGHTS)
+    old = {**cfg, "backbone": {k: v for k, v in cfg["backbone"].items() if k != "weights"}}
+    assert recorded_weights_id(old["backbone"]) == EMBEDDED_WEIGHTS_V1
+    # an old run is the same experiment exactly while the shipped weights are the first ones
+    assert same_recipe(old, cfg) == (weights_fingerprint(EMBEDDED_WEIGHTS) == EMBEDDED_WEIGHTS_V1)
+    other = {**cfg, "backbone": {**cfg["backbone"], "weights": "sha256:0000000000000000"}}
+    assert not same_recipe(other, cfg) and config_hash(other) != config_hash(cfg)
+    random = make_run_config(method="lora", data=str(vtab_task), pretrained=False)
+    assert random["backbone"]["weights"] is None

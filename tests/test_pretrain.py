@@ -212,6 +212,36 @@ def test_command_line_resume_takes_the_checkpoint_recipe(tmp_path):
     assert record["resumed_from_step"] == 2 and (tmp_path / "run.safetensors").exists()
 
 
+def test_snapshot_writes_a_part_way_backbone_without_training(tmp_path):
+    """``--snapshot`` turns a checkpoint into loadable weights (to evaluate a long run
+    part-way) and says which step they are; the checkpoint and the run are untouched."""
+    from safetensors.torch import load_file
+
+    from vpeft_viz.config import ConfigError
+
+    cfg = P.PretrainConfig(source="fractal", steps=6, seed=1, **TINY)
+    ckpt = tmp_path / "run.ckpt"
+    _run(cfg, tmp_path / "w.safetensors", checkpoint=ckpt, stop_at=3)
+    before = ckpt.read_bytes()
+    parser = argparse.ArgumentParser()
+    P.add_arguments(parser)
+    out = tmp_path / "snap" / "step3.safetensors"
+    record = P.run_from_args(parser.parse_args(["--resume", str(ckpt), "--snapshot",
+                                                "--out", str(out)]))
+    assert record["step"] == 3 and record["images_seen"] == 3 * TINY["batch_size"]
+    assert json.loads(out.with_suffix(".json").read_text())["snapshot_of"] == str(ckpt)
+    student = {k[2:]: v for k, v in torch.load(ckpt, weights_only=True)["trainable"].items()
+               if k.startswith("0.") and not k.startswith("0.head.")}
+    snap = load_file(str(out))
+    assert snap.keys() == student.keys()
+    assert all(torch.equal(snap[k], v.half()) for k, v in student.items())
+    model = VisionTransformer(**cfg.arch(), num_classes=0)
+    load_weights(model, out)
+    assert ckpt.read_bytes() == before and not (tmp_path / "w.safetensors").exists()
+    with pytest.raises(ConfigError, match="--snapshot needs --resume CHECKPOINT and --out"):
+        P.run_from_args(parser.parse_args(["--resume", str(ckpt), "--snapshot"]))
+
+
 # ----------------------------------------------------------------------------------------
 # Photographs
 

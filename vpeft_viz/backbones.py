@@ -14,6 +14,7 @@ timm's fused attention off).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import socket
 from collections.abc import Iterable
@@ -34,6 +35,13 @@ EMBEDDED_ARCH = dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_head
 # Pixel statistics the embedded backbone was pretrained with (plain [0, 1] pixels, centred).
 EMBEDDED_MEAN = (0.5, 0.5, 0.5)
 EMBEDDED_STD = (0.25, 0.25, 0.25)
+
+
+# Every run records which backbone weights it was trained on (``backbone.weights`` in
+# config.json, docs/run-store.md): a run's stored trainable weights only make sense on top of
+# the same frozen backbone. Runs made before the record existed used the first (and until
+# then only) embedded weights file, whose fingerprint this is.
+EMBEDDED_WEIGHTS_V1 = "sha256:7b87374f3a0c603d"
 
 
 # timm modules whose models are ``VisionTransformer``s (plain, hybrid-embedding, DeiT).
@@ -86,6 +94,47 @@ def check_backbone_name(name: str) -> None:
 def check_checkpoint(path: str | Path) -> None:
     """Refuse an unreadable weights file before any run exists (the whole file is read)."""
     read_state_dict(path)
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """``sha256:<first 16 hex>`` of a weights file's bytes (cached per path, size and mtime)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"checkpoint file not found: {path}")
+    st = path.stat()
+    return _fingerprint(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+def backbone_weights_id(name: str, *, pretrained: bool,
+                        checkpoint: str | Path | None) -> str | None:
+    """Which weights a backbone starts from: the fingerprint of a local checkpoint or of the
+    embedded weights file; None for random init and for hub weights (named by timm's tag)."""
+    if checkpoint is not None:
+        return weights_fingerprint(checkpoint)
+    if pretrained and name == EMBEDDED_BACKBONE and EMBEDDED_WEIGHTS.is_file():
+        return weights_fingerprint(EMBEDDED_WEIGHTS)
+    return None
+
+
+def recorded_weights_id(backbone: dict) -> str | None:
+    """The weights a stored run's ``backbone`` entry says it used; runs made before the
+    record existed used :data:`EMBEDDED_WEIGHTS_V1` when on the embedded default, and are
+    unknown (None) on a local checkpoint."""
+    if "weights" in backbone:
+        return backbone["weights"]
+    if (backbone.get("pretrained") and not backbone.get("checkpoint")
+            and backbone.get("name") == EMBEDDED_BACKBONE):
+        return EMBEDDED_WEIGHTS_V1
+    return None
 
 
 def hub_weights_cached(name: str) -> bool:

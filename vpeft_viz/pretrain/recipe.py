@@ -450,6 +450,40 @@ def run_pretraining(cfg: PretrainConfig, out: Path, progress: Progress | None = 
     return record
 
 
+def write_snapshot(checkpoint: Path, out: Path) -> dict:
+    """Write the student backbone of a pretraining checkpoint to ``out`` (+ ``.json``).
+
+    The weights are the student as it stood at the checkpoint's step, in the same format
+    as a finished run's (fp16 safetensors, no head); the record says which step of which
+    recipe they come from, so a part-way backbone is never mistaken for a finished one.
+    """
+    from safetensors.torch import save_file
+
+    state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+    cfg = PretrainConfig.from_dict(read_recipe(checkpoint))
+    model = VisionTransformer(**{**cfg.arch(), "num_classes": 0})
+    student = {k[2:]: v for k, v in state["trainable"].items()
+               if k.startswith("0.") and not k.startswith("0.head.")}
+    model.load_state_dict(student)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    losses = state["losses"].tolist()
+    record = {
+        "recipe": cfg.to_dict(), "arch": cfg.arch(),
+        "input_mean": list(EMBEDDED_MEAN), "input_std": list(EMBEDDED_STD),
+        "snapshot_of": str(checkpoint), "step": int(state["step"]),
+        "images_seen": int(state["step"]) * cfg.batch_size,
+        "loss_last": float(np.mean(losses[-10:])) if losses else None,
+        "train_s": round(float(state["train_s"]), 1), "machine": machine_info(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "weights": out.name,
+    }
+    save_file(backbone_state(model), str(out),
+              metadata={"format": "pt", "recipe": json.dumps(cfg.to_dict()),
+                        "step": str(state["step"])})
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def _data_description(cfg: PretrainConfig, data: BatchSource) -> str:
     fractal = (f"{cfg.fractal_classes} FractalDB-style IFS classes (2-7 affine maps, fill >= "
                f"{cfg.fill_min:.0%}), rendered on the fly, {cfg.fractal_points} points each")
@@ -500,6 +534,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="stop after STEP steps in all and write a checkpoint (resume "
                              "later with --resume)")
+    parser.add_argument("--snapshot", action="store_true",
+                        help="train nothing: write the backbone of --resume's checkpoint, as "
+                             "it stands, to --out (to evaluate a long run part-way)")
     parser.add_argument("--log-every", type=int, default=0, metavar="N",
                         help="print a plain progress line every N steps instead of a bar "
                              "(for logs)")
@@ -523,6 +560,10 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
 def run_from_args(args: argparse.Namespace) -> dict:
     """Run ``python -m vpeft_viz pretrain`` with parsed :func:`add_arguments` flags."""
     cfg = config_from_args(args)
+    if getattr(args, "snapshot", False):
+        if args.resume is None or args.out is None:
+            raise ConfigError("--snapshot needs --resume CHECKPOINT and --out WEIGHTS")
+        return write_snapshot(args.resume, args.out)
     progress = None
     if args.log_every > 0:
         import sys

@@ -31,6 +31,7 @@ from .. import __version__
 from ..backbones import (
     EMBEDDED_BACKBONE,
     BackboneError,
+    backbone_weights_id,
     check_backbone_name,
     create_backbone,
     hub_weights_cached,
@@ -85,8 +86,10 @@ def make_run_config(*, method: str, data: str, backbone: str | None = None,
     check_data_spec(data)
     if t.shots and not data.startswith(EMBEDDED_PREFIX):  # embedded tasks: checked at run time
         apply_shots(resolve_data(data, seed=t.seed), t.shots, t.split_seed)
-    try:  # a typo or a non-ViT fails here, before a run directory exists
+    try:  # a typo, a non-ViT or a missing checkpoint fails here, before a run directory exists
         check_backbone_name(backbone or EMBEDDED_BACKBONE)
+        weights = backbone_weights_id(backbone or EMBEDDED_BACKBONE, pretrained=pretrained,
+                                      checkpoint=checkpoint)
     except BackboneError as e:
         raise ConfigError(f"backbone: {e}") from None
     # Every image of every split is decoded now, before a run directory exists, so a broken
@@ -101,7 +104,7 @@ def make_run_config(*, method: str, data: str, backbone: str | None = None,
         "method": method,
         "method_config": m.config.to_dict(),
         "backbone": {"name": backbone or EMBEDDED_BACKBONE, "pretrained": pretrained,
-                     "checkpoint": checkpoint},
+                     "checkpoint": checkpoint, "weights": weights},
         "data": data_cfg,
         "train": t.to_dict(),
         "versions": versions(),

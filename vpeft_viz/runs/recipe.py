@@ -3,7 +3,8 @@
 A run config (``execute.make_run_config``) records what was asked and also where and with
 what it ran (``versions``, data ``warnings``, the data's display name). Two configs are the
 same experiment when their *recipes* are equal: the method and every one of its settings,
-the backbone (name, pretrained, checkpoint), the data (spec and normalisation) and the whole
+the backbone (name, pretrained, checkpoint, and the fingerprint of the weights it started
+from: a run on other embedded weights is another experiment), the data (spec and normalisation) and the whole
 training recipe, seed and device included. Configs are built with today's defaults filled
 in, so a run made under an older default is a different recipe; a training setting *added*
 since a run was made is read as its default (which reproduces what the run did).
@@ -43,6 +44,10 @@ def recipe(config: Mapping[str, Any]) -> dict[str, Any]:
     data = config.get("data") or {}
     out = {k: config.get(k) for k in RECIPE_FIELDS}
     out["train"] = _train_recipe(out["train"])
+    if isinstance(out["backbone"], Mapping):  # runs made before weights were recorded
+        from ..backbones import recorded_weights_id
+
+        out["backbone"] = {**out["backbone"], "weights": recorded_weights_id(out["backbone"])}
     out["data"] = {k: data.get(k) for k in DATA_FIELDS}
     return out
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..backbones import recorded_weights_id
 from ..config import ConfigError
 from ..methods import create_method
 from ..train import Callback, Cancelled
@@ -123,6 +124,10 @@ def _check_named(src: Run, cfg: dict[str, Any], request) -> None:
             raise ConfigError(f"source run {src.id} was trained on backbone "
                               f"{have.get('name')} ({key}={have.get(key)!r}); this run uses "
                               f"{want.get('name')} ({key}={want.get(key)!r})")
+    if recorded_weights_id(have) != recorded_weights_id(want):
+        raise ConfigError(f"source run {src.id} was trained on backbone weights "
+                          f"{recorded_weights_id(have)}; this run starts from "
+                          f"{recorded_weights_id(want)} (retrain the source run on these)")
     settings = scfg.get("method_config", {})
     for key, value in request.method_config.items():
         if settings.get(key) != value:

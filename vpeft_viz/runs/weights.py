@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones import EMBEDDED_BACKBONE, create_backbone
+from ..backbones import (
+    EMBEDDED_BACKBONE,
+    BackboneError,
+    backbone_weights_id,
+    create_backbone,
+    recorded_weights_id,
+)
 from ..methods import PeftMethod, attach_method, create_method, trainable_state
 from .store import Run, RunStoreError, atomic_write_bytes
 
@@ -53,6 +59,26 @@ class TrainedModel:
     task: Any  # the run's data (``vpeft_viz.data`` task: splits, classes)
 
 
+def check_same_backbone_weights(run: Run) -> None:
+    """Refuse a run whose frozen backbone weights are not the ones this machine would load:
+    its stored (trainable) weights only reproduce the run on top of the same backbone."""
+    bb = run.config["backbone"]
+    recorded = recorded_weights_id(bb)
+    if recorded is None:  # random init, hub weights, or a checkpoint run from before the record
+        return
+    try:
+        now = backbone_weights_id(bb["name"], pretrained=bb.get("pretrained", True),
+                                  checkpoint=bb.get("checkpoint"))
+    except BackboneError as e:
+        raise RunStoreError(f"run {run.id}: {e}") from None
+    if now != recorded:
+        where = bb.get("checkpoint") or f"the embedded {bb['name']} weights"
+        raise RunStoreError(
+            f"run {run.id} was trained on backbone weights {recorded}, but {where} here are "
+            f"{now} (the backbone was updated since); retrain the run on these weights "
+            "(`python -m vpeft_viz cache-runs --update` for shipped runs)")
+
+
 def load_run_model(run: Run, *, device: torch.device | str = "cpu") -> TrainedModel:
     """Backbone (as the run built it) + method (its state) + the stored weights.
 
@@ -64,6 +90,7 @@ def load_run_model(run: Run, *, device: torch.device | str = "cpu") -> TrainedMo
     if bb.get("pretrained") and not bb.get("checkpoint") and bb["name"] != EMBEDDED_BACKBONE:
         raise RunStoreError(f"run {run.id} uses hub weights of {bb['name']}; rebuilding it "
                             "would download them (views rebuild local backbones only)")
+    check_same_backbone_weights(run)
     if not has_weights(run):
         raise RunStoreError(f"run {run.id} has no stored weights (not shipped, or not "
                             "finished); retrain it to analyse it")

@@ -61,7 +61,9 @@ pixel_rows = reference_rows(agg, reference)
 st.subheader("Per task")
 st.caption(f"{len(runs)} runs in {len(agg)} groups; a group is one task × backbone × method "
            "× setting, averaged over its seeds (Seeds = how many). Setting names what differs "
-           "between the loaded runs.")
+           "between the loaded runs: on every group when stores differ in it (your 3-epoch runs "
+           "beside the shipped 10-epoch ones), else where a group departs from the usual value "
+           "or runs of one method differ.")
 show_pixels = not pixel_rows.empty and st.toggle(
     "Show the “pixels, no backbone” reference", value=True, key="pixels",
     help="A logistic regression on the raw standardised pixels of train800, C chosen on "

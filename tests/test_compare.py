@@ -361,3 +361,35 @@ def test_regenerate_refuses_random_init_unless_quick(tmp_path, monkeypatch) -> N
         cached.variant_specs())
     assert {r["run_id"] for r in cached.planned_runs()} >= {
         "count-lora-s1", "count-full-s0", "digits-sct-s0", "retinopathy-spt-adapter-s0"}
+
+
+def test_shared_settings_are_named_where_they_depart_or_vary_within_a_method() -> None:
+    """20-epoch few-shot runs say epochs=20; the many 10-epoch groups stay unlabelled; a
+    3-epoch LoRA beside a 10-epoch one is told apart; a tie names both."""
+    from vpeft_viz.analysis.compare import setting_labels
+
+    def key(method, epochs, **cfg):
+        return json.dumps({"method": method, "train.epochs": epochs,
+                           **{f"method_config.{k}": v for k, v in cfg.items()}},
+                          sort_keys=True)
+
+    many = [key(m, 10) for m in ("linear", "lora", "ssf", "bitfit", "vpt-deep")]
+    few = [key("pvp", 20, init=i) for i in ("random", "pretrained")]
+    labels = setting_labels([*many, *few])
+    assert all(labels[k] == "" for k in many)
+    assert [labels[k] for k in few] == ["epochs=20, init=random", "epochs=20, init=pretrained"]
+    mine, shipped = key("lora", 3), key("lora", 10)
+    labels = setting_labels([*many, *few, mine])
+    assert labels[mine] == "epochs=3" and labels[shipped] == "epochs=10"
+    assert labels[key("ssf", 10)] == ""
+    tie = setting_labels([mine, shipped])
+    assert tie[mine] == "epochs=3" and tie[shipped] == "epochs=10"
+    # a value only your store has names the entry on every group, the shipped ones too
+    stores = {k: {"cached"} for k in [*many, *few]} | {mine: {"user"}}
+    labels = setting_labels([*many, *few, mine], stores)
+    assert labels[key("ssf", 10)] == "epochs=10" and labels[mine] == "epochs=3"
+    # your 20-epoch few-shot run has a value the shipped store has too: departures only
+    yours = key("pvp", 20, init="random")
+    labels = setting_labels([*many, *few], {k: {"cached"} for k in [*many, *few]}
+                            | {yours: {"cached", "user"}})
+    assert labels[key("ssf", 10)] == "" and labels[yours] == "epochs=20, init=random"

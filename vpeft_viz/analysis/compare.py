@@ -22,6 +22,7 @@ import io
 import json
 import math
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,15 +115,27 @@ def _short(key: str, keys: Iterable[str]) -> str:
     return key if clash else last
 
 
-def setting_labels(setting_keys: Iterable[str]) -> dict[str, str]:
+_UNSET = "\x00unset"  # an entry a setting lacks, when counting its usual value
+
+
+def setting_labels(setting_keys: Iterable[str],
+                   stores_of: Mapping[str, Iterable[str]] | None = None) -> dict[str, str]:
     """A short label per setting (``setting_key`` JSON → ``"epochs=3, rank=4"``).
 
-    A run's label names the settings that differ across *all* the settings given (every
-    store loaded together, so a 3-epoch LoRA of yours and the shipped 10-epoch LoRA are
-    told apart): a shared entry (epochs, lr, backbone, device...) as soon as it differs
-    anywhere, a method's own entries (``method_config.*``) when they differ between settings
-    of that method. Empty when nothing differs. An entry a setting lacks (unset, e.g. a run
-    on the whole training split has no ``shots``) is left out of its label.
+    A run's label names what sets it apart among *all* the settings given (every store
+    loaded together; ``stores_of``: setting key → the stores holding runs of it). A shared
+    entry (epochs, lr, backbone, device...) that tells stores apart — a store has an unusual
+    value of it no other store has, e.g. your 3-epoch runs beside the shipped 10-epoch ones —
+    is named on every setting. Any other shared entry that differs anywhere is named on a setting
+    where it departs from its usual value — the one strictly more
+    settings have than any other (a tie: named everywhere) — and on every setting of a method
+    whose settings differ in it: so 20-epoch few-shot runs say ``epochs=20`` without making
+    every 10-epoch group say ``epochs=10``, and a 3-epoch LoRA of yours beside the shipped
+    10-epoch LoRA reads ``epochs=3`` / ``epochs=10``. A method's own entries
+    (``method_config.*``) are named when they differ between settings of that method. Empty
+    when nothing differs. An entry a setting lacks (unset, e.g. a run on the whole training
+    split has no ``shots``) is never named; "unset" counts as a value when finding the usual
+    one.
     """
     settings = {k: json.loads(k) for k in dict.fromkeys(setting_keys)}
     by_method: dict[Any, list[str]] = {}
@@ -135,13 +148,34 @@ def setting_labels(setting_keys: Iterable[str]) -> dict[str, str]:
         return sorted(n for n in names
                       if len({json.dumps(settings[key].get(n)) for key in keys}) > 1)
 
+    def usual(n: str) -> str | None:
+        counts = Counter(json.dumps(s.get(n, _UNSET)) for s in settings.values())
+        (top, k), *rest = counts.most_common(2)
+        return top if not rest or k > rest[0][1] else None
+
+    def tells_stores_apart(n: str) -> bool:
+        values: dict[str, set[str]] = {}
+        for key, setting in settings.items():
+            for store in (stores_of or {}).get(key, ()):
+                values.setdefault(store, set()).add(json.dumps(setting.get(n, _UNSET)))
+        return len(values) > 1 and any(
+            vals - set().union(*(v for s, v in values.items() if s != store)) - {usual_value[n]}
+            for store, vals in values.items())
+
     shared = varying(list(settings), own=False)
+    usual_value = {n: usual(n) for n in shared}
+    everywhere = {n for n in shared if tells_stores_apart(n)}
     labels = {}
     for keys in by_method.values():
-        entries = [*shared, *varying(keys, own=True)]
+        own = varying(keys, own=True)
+        within = set(varying(keys, own=False))  # shared entries this method's settings vary in
+        entries = [*shared, *own]
         for key in keys:  # an entry a setting lacks is unset (its default): not named
+            named = {n for n in own if n in settings[key]} | {
+                n for n in shared if n in settings[key]
+                and (n in within or n in everywhere or json.dumps(settings[key][n]) != usual_value[n])}
             labels[key] = ", ".join(f"{_short(n, entries)}={settings[key][n]}"
-                                    for n in entries if n in settings[key])
+                                    for n in entries if n in named)
     return labels
 
 
@@ -150,7 +184,8 @@ def label_settings(runs: pd.DataFrame) -> pd.DataFrame:
     :func:`setting_labels`): call it on tables of several stores after joining them."""
     if len(runs):
         runs = runs.copy()
-        runs["setting"] = runs["setting_key"].map(setting_labels(runs["setting_key"]))
+        stores_of = runs.groupby("setting_key")["source"].agg(set).to_dict()
+        runs["setting"] = runs["setting_key"].map(setting_labels(runs["setting_key"], stores_of))
     return runs
 
 

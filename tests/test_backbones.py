@@ -144,13 +144,10 @@ def test_runs_record_their_backbone_weights_and_refuse_others(vtab_task, tmp_pat
 
 
 def test_runs_from_before_the_record_read_as_the_first_embedded_weights(vtab_task):
-    from vpeft_viz.backbones import (
-        EMBEDDED_WEIGHTS_V1,
-        recorded_weights_id,
-        weights_fingerprint,
-    )
+    from vpeft_viz.backbones import weights_fingerprint
     from vpeft_viz.runs.execute import make_run_config
     from vpeft_viz.runs.recipe import config_hash, same_recipe
+    from vpeft_viz.weights import EMBEDDED_WEIGHTS_V1, recorded_weights_id
 
     cfg = make_run_config(method="lora", data=str(vtab_task))
     assert cfg["backbone"]["weights"] == weights_fingerprint(EMBEDDED_WEIGHTS)

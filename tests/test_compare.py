@@ -393,3 +393,25 @@ def test_shared_settings_are_named_where_they_depart_or_vary_within_a_method() -
     labels = setting_labels([*many, *few], {k: {"cached"} for k in [*many, *few]}
                             | {yours: {"cached", "user"}})
     assert labels[key("ssf", 10)] == "" and labels[yours] == "epochs=20, init=random"
+
+
+def test_runs_record_the_learning_rate_they_used_and_old_null_ones_read_as_then(vtab_task):
+    """A config records the learning rate the run used, so changing a method's default
+    later cannot change what an old run says; a stored null (older runs) reads as the
+    default of its day, for the recipe check and for Compare's groups alike."""
+    from vpeft_viz.analysis.compare import _setting
+    from vpeft_viz.methods import get_method_class
+    from vpeft_viz.runs.execute import make_run_config
+    from vpeft_viz.runs.recipe import canonical_config, same_recipe
+
+    cfg = make_run_config(method="linear", data=str(vtab_task))
+    assert cfg["train"]["lr"] == get_method_class("linear").default_lr
+    old = {**cfg, "train": {**cfg["train"], "lr": None}}
+    old["backbone"] = {k: v for k, v in cfg["backbone"].items() if k != "weights"}
+    assert canonical_config(old)["train"]["lr"] == 1e-2
+    assert canonical_config({**old, "method": "lora"})["train"]["lr"] == 1e-3
+    weights = canonical_config(old)["backbone"]["weights"]
+    then = {**cfg, "train": {**cfg["train"], "lr": 1e-2},
+            "backbone": {**cfg["backbone"], "weights": weights}}
+    assert same_recipe(old, then) and _setting(old, "cpu") == _setting(then, "cpu")
+    assert not same_recipe(old, {**then, "train": {**then["train"], "lr": 3e-2}})

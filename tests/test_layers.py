@@ -26,6 +26,7 @@ LAYERS: list[set[str]] = [
     {"methods"},  # one file or package per method, registry, shared layers
     {"probes"},  # model-on-data measurements used by methods and views
     {"data", "backbones"},  # task formats and the embedded suite; timm models
+    {"weights"},  # the shipped embedded weights: files, model card, their identity (no torch)
     {"config", "__init__"},  # validated config dataclasses; the package itself
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

@@ -25,9 +25,13 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-EMBEDDED_BACKBONE = "vit_tiny_patch4_32_vpeft"
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-EMBEDDED_WEIGHTS = WEIGHTS_DIR / f"{EMBEDDED_BACKBONE}.safetensors"
+from .weights import (  # noqa: F401  (re-exported: the shipped weights' identity)
+    EMBEDDED_BACKBONE,
+    EMBEDDED_WEIGHTS,
+    EMBEDDED_WEIGHTS_V1,
+    WEIGHTS_DIR,
+    recorded_weights_id,
+)
 
 # Architecture of the embedded default, sized for live CPU runs (64 patch tokens + CLS).
 EMBEDDED_ARCH = dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4,
@@ -35,13 +39,6 @@ EMBEDDED_ARCH = dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_head
 # Pixel statistics the embedded backbone was pretrained with (plain [0, 1] pixels, centred).
 EMBEDDED_MEAN = (0.5, 0.5, 0.5)
 EMBEDDED_STD = (0.25, 0.25, 0.25)
-
-
-# Every run records which backbone weights it was trained on (``backbone.weights`` in
-# config.json, docs/run-store.md): a run's stored trainable weights only make sense on top of
-# the same frozen backbone. Runs made before the record existed used the first (and until
-# then only) embedded weights file, whose fingerprint this is.
-EMBEDDED_WEIGHTS_V1 = "sha256:7b87374f3a0c603d"
 
 
 # timm modules whose models are ``VisionTransformer``s (plain, hybrid-embedding, DeiT).
@@ -122,18 +119,6 @@ def backbone_weights_id(name: str, *, pretrained: bool,
         return weights_fingerprint(checkpoint)
     if pretrained and name == EMBEDDED_BACKBONE and EMBEDDED_WEIGHTS.is_file():
         return weights_fingerprint(EMBEDDED_WEIGHTS)
-    return None
-
-
-def recorded_weights_id(backbone: dict) -> str | None:
-    """The weights a stored run's ``backbone`` entry says it used; runs made before the
-    record existed used :data:`EMBEDDED_WEIGHTS_V1` when on the embedded default, and are
-    unknown (None) on a local checkpoint."""
-    if "weights" in backbone:
-        return backbone["weights"]
-    if (backbone.get("pretrained") and not backbone.get("checkpoint")
-            and backbone.get("name") == EMBEDDED_BACKBONE):
-        return EMBEDDED_WEIGHTS_V1
     return None
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.formats import VTAB_GROUPS
+from ..runs.recipe import canonical_config
 from ..runs.store import RunStore, RunStoreError, read_json
 from .cost import percent_of_backbone, ppt_score
 
@@ -99,6 +100,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _setting(cfg: Mapping[str, Any], device: str) -> dict[str, Any]:
     """What defines the experiment apart from task and seed (device type included: cost
     figures and precision depend on it)."""
+    cfg = canonical_config(cfg)  # older runs' implicit backbone weights and learning rate
     flat = _flatten({k: v for k, v in cfg.items() if k != "versions"})
     # An unset (null) entry reads as absent: runs made before a setting existed (e.g.
     # train.shots, few-shot splits) group with today's runs that leave it unset.
@@ -113,6 +115,15 @@ def _short(key: str, keys: Iterable[str]) -> str:
     last = key.rsplit(".", 1)[-1]
     clash = sum(k.rsplit(".", 1)[-1] == last for k in keys) > 1
     return key if clash else last
+
+
+# Entries whose values belong to a method (each method has its own default learning rate):
+# named, like its ``method_config``, only when settings of that method differ in them.
+PER_METHOD_ENTRIES = ("train.lr",)
+
+
+def _own_entry(name: str) -> bool:
+    return name.startswith("method_config.") or name in PER_METHOD_ENTRIES
 
 
 _UNSET = "\x00unset"  # an entry a setting lacks, when counting its usual value
@@ -132,7 +143,8 @@ def setting_labels(setting_keys: Iterable[str],
     whose settings differ in it: so 20-epoch few-shot runs say ``epochs=20`` without making
     every 10-epoch group say ``epochs=10``, and a 3-epoch LoRA of yours beside the shipped
     10-epoch LoRA reads ``epochs=3`` / ``epochs=10``. A method's own entries
-    (``method_config.*``) are named when they differ between settings of that method. Empty
+    (``method_config.*``, and the learning rate: each method has its own default) are named
+    when they differ between settings of that method. Empty
     when nothing differs. An entry a setting lacks (unset, e.g. a run on the whole training
     split has no ``shots``) is never named; "unset" counts as a value when finding the usual
     one.
@@ -144,7 +156,7 @@ def setting_labels(setting_keys: Iterable[str],
 
     def varying(keys: list[str], own: bool) -> list[str]:
         names = {n for key in keys for n in settings[key]
-                 if n != "method" and n.startswith("method_config.") == own}
+                 if n != "method" and _own_entry(n) == own}
         return sorted(n for n in names
                       if len({json.dumps(settings[key].get(n)) for key in keys}) > 1)
 
@@ -173,7 +185,8 @@ def setting_labels(setting_keys: Iterable[str],
         for key in keys:  # an entry a setting lacks is unset (its default): not named
             named = {n for n in own if n in settings[key]} | {
                 n for n in shared if n in settings[key]
-                and (n in within or n in everywhere or json.dumps(settings[key][n]) != usual_value[n])}
+                and (n in within or n in everywhere
+                     or json.dumps(settings[key][n]) != usual_value[n])}
             labels[key] = ", ".join(f"{_short(n, entries)}={settings[key][n]}"
                                     for n in entries if n in named)
     return labels

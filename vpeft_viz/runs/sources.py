@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..backbones import recorded_weights_id
 from ..config import ConfigError
 from ..methods import create_method
 from ..train import Callback, Cancelled
+from ..weights import recorded_weights_id
 from .store import Run, RunStore, RunStoreError
 
 # What makes two default-source runs the same (the key hashed into the run id); the device

@@ -16,14 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones import (
-    EMBEDDED_BACKBONE,
-    BackboneError,
-    backbone_weights_id,
-    create_backbone,
-    recorded_weights_id,
-)
+from ..backbones import EMBEDDED_BACKBONE, BackboneError, backbone_weights_id, create_backbone
 from ..methods import PeftMethod, attach_method, create_method, trainable_state
+from ..weights import recorded_weights_id
 from .store import Run, RunStoreError, atomic_write_bytes
 
 PACKED_WEIGHTS = "weights.packed"

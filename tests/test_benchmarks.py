@@ -68,3 +68,32 @@ def test_inside_smoke_configuration_times_attributions_and_cka(inside_bench):
     assert result["attributions"]["metrics_s"][0] > 0  # the trust metrics are in the time
     for values in result["cka"]["cka_tokens"].values():
         assert len(values) == len(result["cka"]["layers"]) and min(values) < 1
+
+
+def test_live_recipe_chooses_on_validation_from_complete_grid_points(tmp_path):
+    """The learning rate is chosen by the suite's mean validation accuracy (never test), only
+    among rates run on every task; its sweep spec is one the sweep command accepts."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("live_recipe", BENCH / "live_recipe.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    from vpeft_viz.runs.sweep.spec import expand, load_spec
+
+    def r(val, test):
+        return {"val_acc": val, "test_acc": test, "train_time_s": 1.0}
+
+    runs = {"lora": {1e-3: {"a": r(0.5, 0.9), "b": r(0.5, 0.9)},   # best on test only
+                     1e-2: {"a": r(0.7, 0.4), "b": r(0.6, 0.4)},   # best on validation
+                     3e-2: {"a": r(0.9, 0.9)}}}                    # task b missing
+    chosen, tables = module.choose(runs, ["lora", "ssf"], ["a", "b"])
+    assert chosen == {"lora": {"lr": 1e-2, "val_mean": pytest.approx(0.65),
+                               "test_mean": pytest.approx(0.4)}}
+    assert list(tables["lora"]) == ["0.001", "0.01"]
+    path = tmp_path / "s.toml"
+    path.write_text(module.spec_text("s", "lora", (1e-3, 1e-2), ["digits", "count"], None,
+                                     "bf16", 10))
+    planned = expand(load_spec(path))
+    assert len(planned) == 4 and {p.config["train"]["lr"] for p in planned} == {1e-3, 1e-2}

@@ -1,0 +1,147 @@
+"""Choose the live recipe's learning rate per method on the validation splits.
+
+For a backbone (the embedded default, or a weights file such as a part-way snapshot of the
+pretraining), every method in ``--methods`` is trained at every learning rate of its grid
+on every embedded task (train800, 10 epochs, seed 0: the default live recipe but for the
+learning rate), through the project's own sweep command (`docs/sweeps.md`), into
+``--store``; a store that has some of the runs already keeps them. Then, per method, the
+learning rate with the best **plain mean of validation accuracy over the suite** is chosen;
+test accuracies are recorded beside it for the model card, never used to choose.
+
+    python benchmarks/live_recipe.py --checkpoint W.safetensors --store /tmp/recipe \\
+        --precision bf16          # bf16 autocast: ~3x faster on CPUs with AMX/AVX-512 BF16
+    python benchmarks/live_recipe.py --store /tmp/recipe --select-only
+
+Writes ``benchmarks/results/live_recipe.json`` (machine and versions included) and prints
+a Markdown table per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import write_result  # noqa: E402
+
+# Learning rates tried per method (families: the head alone, every weight, PEFT modules).
+GRIDS = {
+    "linear": (0.01, 0.03, 0.1, 0.3),
+    "full": (1e-4, 3e-4),
+    "lora": (1e-3, 3e-3, 1e-2, 3e-2),
+    "adaptformer": (1e-3, 3e-3, 1e-2, 3e-2),
+    "ssf": (1e-3, 3e-3, 1e-2, 3e-2),
+}
+
+
+def spec_text(name: str, method: str, lrs: tuple[float, ...], tasks: list[str],
+              checkpoint: str | None, precision: str, epochs: int) -> str:
+    lines = [f'name = "{name}"', f"tasks = {json.dumps(tasks)}", f'methods = ["{method}"]',
+             "seeds = [0]"]
+    if checkpoint:
+        lines.append(f"checkpoint = {json.dumps(str(Path(checkpoint).resolve()))}")
+    lines += ["[train]", f"epochs = {epochs}", f'precision = "{precision}"',
+              f"lr = {json.dumps(list(lrs))}"]
+    return "\n".join(lines) + "\n"
+
+
+def collect(store: Path, checkpoint: str | None) -> dict[str, dict[float, dict[str, dict]]]:
+    """method → lr → task → {val_acc, test_acc, train_time_s} of finished seed-0 runs on
+    the given backbone (a checkpoint path, or the embedded default)."""
+    want = str(Path(checkpoint).resolve()) if checkpoint else None
+    out: dict[str, dict[float, dict[str, dict]]] = {}
+    for d in sorted(store.iterdir()):
+        try:
+            cfg = json.loads((d / "config.json").read_text())
+            s = json.loads((d / "summary.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if cfg["backbone"].get("checkpoint") != want or cfg["train"].get("seed") != 0:
+            continue
+        if s.get("test_acc") is None:
+            continue
+        lr = cfg["train"]["lr"]
+        out.setdefault(cfg["method"], {}).setdefault(lr, {})[cfg["data"]["name"]] = {
+            "val_acc": s["val_acc"], "test_acc": s["test_acc"],
+            "train_time_s": s.get("train_time_s")}
+    return out
+
+
+def choose(runs: dict[str, dict[float, dict[str, dict]]], methods: list[str],
+           tasks: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Per method, the learning rate with the best plain mean of validation accuracy over
+    ``tasks`` (ties: the smaller rate), among the rates with a run on every task; and the
+    table of every such rate (per-task results, validation and test means)."""
+    chosen, tables = {}, {}
+    for method in methods:
+        by_lr = {lr: r for lr, r in runs.get(method, {}).items() if all(t in r for t in tasks)}
+        if not by_lr:
+            print(f"{method}: no learning rate with a run on every task yet", file=sys.stderr)
+            continue
+        means = {lr: {"val": statistics.mean(r[t]["val_acc"] for t in tasks),
+                      "test": statistics.mean(r[t]["test_acc"] for t in tasks)}
+                 for lr, r in by_lr.items()}
+        best = max(means, key=lambda lr: (means[lr]["val"], -lr))
+        chosen[method] = {"lr": best, "val_mean": means[best]["val"],
+                          "test_mean": means[best]["test"]}
+        tables[method] = {str(lr): {"per_task": by_lr[lr], **means[lr]} for lr in sorted(by_lr)}
+    return chosen, tables
+
+
+def main() -> None:
+    from vpeft_viz.data.embedded import EMBEDDED_TASKS
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--store", type=Path, required=True, help="run store for the sweep")
+    p.add_argument("--checkpoint", default=None, help="backbone weights file (default: the "
+                   "shipped embedded weights)")
+    p.add_argument("--methods", nargs="*", default=list(GRIDS))
+    p.add_argument("--tasks", nargs="*", default=list(EMBEDDED_TASKS))
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--workers", type=int, default=1, help="CPU runs at a time")
+    p.add_argument("--select-only", action="store_true", help="train nothing; choose from "
+                   "the runs the store has")
+    p.add_argument("--out", default="live_recipe", help="result name under results/")
+    args = p.parse_args()
+    args.store.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tag = Path(args.checkpoint).stem if args.checkpoint else "embedded"
+    if not args.select_only:
+        env = {**os.environ, "VPEFT_VIZ_CPU_WORKERS": str(args.workers)}
+        for method in args.methods:
+            spec = args.store / f"recipe-{method}-{tag}.toml"
+            spec.write_text(spec_text(spec.stem, method, GRIDS[method], args.tasks,
+                                      args.checkpoint, args.precision, args.epochs))
+            subprocess.run([sys.executable, "-m", "vpeft_viz", "sweep", str(spec),
+                            "--backend", "local", "--store", str(args.store)],
+                           check=True, env=env)
+    runs = collect(args.store, args.checkpoint)
+    chosen, tables = choose(runs, args.methods, args.tasks)
+    for method, pick in chosen.items():
+        rows = tables[method]
+        print(f"\n{method} (chosen on validation: lr {pick['lr']:g})\n")
+        print("| lr | " + " | ".join(args.tasks) + " | val mean | test mean |")
+        print("|---" * (len(args.tasks) + 3) + "|")
+        for lr, row in rows.items():
+            cells = " | ".join(f"{row['per_task'][t]['val_acc']:.3f}" for t in args.tasks)
+            mark = " ←" if float(lr) == pick["lr"] else ""
+            print(f"| {float(lr):g}{mark} | {cells} | {row['val']:.3f} | {row['test']:.3f} |")
+    path = write_result(args.out, {
+        "backbone": args.checkpoint or "embedded (shipped weights)",
+        "recipe": {"epochs": args.epochs, "seed": 0, "precision": args.precision,
+                   "split": "train800 → val200 (choice) → test (reported)"},
+        "grids": {m: list(GRIDS[m]) for m in args.methods}, "tasks": args.tasks,
+        "chosen": chosen, "tables": tables, "wall_s": round(time.time() - t0, 1)})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,7 @@ import torch
 from conftest import write_vtab_task
 from streamlit.testing.v1 import AppTest
 
-from vpeft_viz.backbones import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
+from vpeft_viz.backbones import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS, weights_fingerprint
 from vpeft_viz.data.embedded import list_tasks
 from vpeft_viz.runs import REPO_ROOT, RunStore, queue
 from vpeft_viz.runs.execute import make_run_config
@@ -147,8 +147,10 @@ def test_default_launch_uses_the_embedded_backbone_and_first_task(store, spawned
     cfg = job.config
     assert cfg["method"] == "lora" and cfg["data"]["spec"] == f"embedded:{list_tasks()[0]['name']}"
     # without shipped weights the embedded backbone can only start from random init
-    assert cfg["backbone"] == {"name": EMBEDDED_BACKBONE, "pretrained": EMBEDDED_WEIGHTS.is_file(),
-                               "checkpoint": None}
+    shipped = EMBEDDED_WEIGHTS.is_file()
+    assert cfg["backbone"] == {"name": EMBEDDED_BACKBONE, "pretrained": shipped,
+                               "checkpoint": None,
+                               "weights": weights_fingerprint(EMBEDDED_WEIGHTS) if shipped else None}
 
 
 def test_running_and_failed_runs_are_shown(store, spawned, task):

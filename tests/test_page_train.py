@@ -148,9 +148,9 @@ def test_default_launch_uses_the_embedded_backbone_and_first_task(store, spawned
     assert cfg["method"] == "lora" and cfg["data"]["spec"] == f"embedded:{list_tasks()[0]['name']}"
     # without shipped weights the embedded backbone can only start from random init
     shipped = EMBEDDED_WEIGHTS.is_file()
+    weights = weights_fingerprint(EMBEDDED_WEIGHTS) if shipped else None
     assert cfg["backbone"] == {"name": EMBEDDED_BACKBONE, "pretrained": shipped,
-                               "checkpoint": None,
-                               "weights": weights_fingerprint(EMBEDDED_WEIGHTS) if shipped else None}
+                               "checkpoint": None, "weights": weights}
 
 
 def test_running_and_failed_runs_are_shown(store, spawned, task):

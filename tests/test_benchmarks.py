@@ -97,3 +97,30 @@ def test_live_recipe_chooses_on_validation_from_complete_grid_points(tmp_path):
                                      "bf16", 10))
     planned = expand(load_spec(path))
     assert len(planned) == 4 and {p.config["train"]["lr"] for p in planned} == {1e-3, 1e-2}
+
+
+def test_live_recipe_bars_follow_the_issue():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("live_recipe", BENCH / "live_recipe.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    bars = module.targets({"a": {"test_acc": 0.92, "chance": 0.5},     # capped at 0.95
+                           "b": {"test_acc": 0.14, "chance": 0.10},    # 2 x chance wins
+                           "c": {"test_acc": 0.60, "chance": 0.10}})   # pixels + 5 wins
+    assert bars == pytest.approx({"a": 0.95, "b": 0.20, "c": 0.65})
+
+    def r(acc):
+        return {"val_acc": acc, "test_acc": acc}
+
+    tables = {m: {"0.01": {"per_task": {"a": r(acc), "b": r(acc)}}}
+              for m, acc in (("linear", 0.5), ("full", 0.6), ("lora", 0.96), ("ssf", 0.7))}
+    chosen = {m: {"lr": 0.01} for m in tables}
+    check = module.suite_check(chosen, tables, ["a", "b"],
+                               {"a": {"test_acc": 0.92, "chance": 0.5},
+                                "b": {"test_acc": 0.14, "chance": 0.1}})
+    assert all(t["pass"] for t in check["tasks"].values())
+    assert check["lora_mean_ge_0.70"] and not check["linear_mean_ge_0.55"]
+    assert check["vtab_pattern"]

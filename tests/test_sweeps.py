@@ -206,6 +206,51 @@ def test_execute_claimed_moves_a_dead_attempt_aside_and_runs_afresh(tmp_path):
     assert [r.id for r in store.list()] == [run.id]
 
 
+def test_local_backend_queues_a_run_whose_worker_died_again(tmp_path, monkeypatch):
+    """A local worker killed mid-run (the store reads the run failed, owner gone) gets the
+    run back on the queue as a new attempt, up to [ray] max_retries times; a run that
+    raised is not retried."""
+    from conftest import write_vtab_task
+
+    from vpeft_viz.runs.owner import HOST
+    from vpeft_viz.runs.sweep.local import run_local
+
+    task = write_vtab_task(tmp_path / "colours", sizes=(8, 3, 3))
+    store = RunStore(tmp_path / "store")
+    spec = parse_spec(dict(tasks=[str(task)], methods=["linear", "lora"], seeds=[0],
+                           name="x", pretrained=False, ray={"max_retries": 1},
+                           train={"epochs": 1, "batch_size": 4, "warmup_epochs": 0.0}))
+    plan = plan_sweep(spec, store)
+    linear, lora = (i.run_id for i in plan.items)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    attempts: list[tuple[str, int]] = []
+
+    def fake_worker(store_):  # what the queue's workers would do, one step per call
+        for run in store_.list():
+            status = run.status()
+            if status["status"] != "queued":
+                continue
+            attempt = int(status.get("attempt") or 1)
+            attempts.append((run.id, attempt))
+            if run.id == lora:
+                run.set_status("failed", error="RuntimeError: boom")
+            elif attempt == 1:  # the worker dies mid-run
+                run.set_status("running", pid=dead.pid, pid_start=None, host=HOST)
+            else:
+                run.write_summary({"run_id": run.id, "val_acc": 0.5, "test_acc": 0.4})
+                run.set_status("done", attempt=attempt)
+
+    monkeypatch.setattr(queue, "ensure_worker", fake_worker)
+    events: list[dict] = []
+    final = run_local(store, plan, progress=events.append, poll_s=0.01)
+    assert final == {linear: "done", lora: "failed"}
+    assert sorted(attempts) == [(linear, 1), (linear, 2), (lora, 1)]
+    (retry,) = [e for e in events if e["kind"] == "retry"]
+    assert retry["run_id"] == linear and "ended without finishing" in retry["error"]
+    assert (store.root / ".attempts" / linear / "1" / "status.json").is_file()
+
+
 def test_ray_is_imported_only_by_the_ray_backend():
     code = ("import sys, vpeft_viz.cli, vpeft_viz.runs.sweep, vpeft_viz.analysis.sweeps, "
             "vpeft_viz.plots.sweeps; sys.exit('ray' in sys.modules)")

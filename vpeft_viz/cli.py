@@ -233,6 +233,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 for item in plan.items:
                     print(f"  {item.origin:<11} {item.run_id}  {item.run.label}",
                           file=sys.stderr)
+        elif event["kind"] == "retry":
+            print(f"[retry {event['retry']}] {event['label']}: {event.get('error') or 'failed'}"
+                  " — queued again", file=sys.stderr)
         elif event["kind"] == "finished":
             seen["ended"] += 1
             summ = event.get("summary") or {}

@@ -118,7 +118,7 @@ class Run:
             if again != current:
                 continue
             repaired = {**current, "status": "failed", "error": why, "finished": time.time(),
-                        "updated": time.time()}
+                        "updated": time.time(), "owner_gone": True}
             if not self.read_only:
                 try:
                     self._write_status(repaired)

@@ -71,7 +71,9 @@ def run_sweep(spec: SweepSpec | str | Path, store: RunStore, *, backend: str = "
 
     ``progress`` receives events: ``{"kind": "plan", "plan": SweepPlan}`` once, then
     ``{"kind": "finished", "run_id", "label", "status", "summary", "error", "attempt"}`` per
-    run as it ends, and ``{"kind": "tick", "states": {run id: status}}`` while waiting.
+    run as it ends, ``{"kind": "retry", ..., "retry": n}`` when the local backend queues a
+    run whose worker died again, and ``{"kind": "tick", "states": {run id: status}}`` while
+    waiting.
     ``dry_run`` plans without writing anything. ``address`` and ``num_cpus`` are the Ray
     cluster's (None: a local Ray instance with ``num_cpus`` CPUs, default all).
     """

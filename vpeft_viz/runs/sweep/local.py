@@ -3,8 +3,11 @@
 Every run to do is created ``queued`` at once, so the dashboard shows the whole sweep from
 the start; the queue's workers (one per device slot: ``$VPEFT_VIZ_CPU_WORKERS`` CPU slots,
 one per GPU) execute them oldest first, each in a forked child (``runs/worker.py``). The
-driver only watches the store. Interrupting the driver stops the watching, not the runs:
-they stay on the queue (cancel them on the Train page).
+driver only watches the store, and puts a run whose worker process died (killed, out of
+memory; the store marks it ``failed`` with ``owner_gone``) back on the queue as a new
+attempt, up to ``[ray] max_retries`` times — the same budget the Ray backend gives Ray.
+Interrupting the driver stops the watching, not the runs: they stay on the queue (cancel
+them on the Train page).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 from .. import queue
 from ..store import FINISHED, RunStore
-from .plan import SweepPlan, create_run, snapshot
+from .plan import PlanItem, SweepPlan, create_run, snapshot
 
 MISSING_GIVE_UP_S = 60.0  # a run directory absent this long was removed: stop waiting for it
 
@@ -34,6 +37,8 @@ def run_local(store: RunStore, plan: SweepPlan, *, progress: Callable[[dict], No
         if item.origin in ("new", "restarted"):
             create_run(store, item)  # None: another driver created it first; watched all the same
     labels = {i.run_id: i.run.label for i in plan.items}
+    items = {i.run_id: i for i in plan.items}
+    retries: dict[str, int] = {}
     waiting = [i.run_id for i in plan.items if i.origin != "kept"]
     final = {i.run_id: "done" for i in plan.items if i.origin == "kept"}
     missing_since: dict[str, float] = {}
@@ -50,6 +55,13 @@ def run_local(store: RunStore, plan: SweepPlan, *, progress: Callable[[dict], No
                     continue
             else:
                 missing_since.pop(run_id, None)
+            if state == "failed" and _worker_died(store, run_id) \
+                    and retries.get(run_id, 0) < plan.spec.ray.max_retries:
+                retries[run_id] = retries.get(run_id, 0) + 1
+                event = finished_event(store, run_id, labels[run_id], state)
+                progress({**event, "kind": "retry", "retry": retries[run_id]})
+                create_run(store, PlanItem(items[run_id].run, "restarted", run_id))
+                continue
             if state in FINISHED or state == "missing":
                 final[run_id] = state
                 waiting.remove(run_id)
@@ -58,6 +70,14 @@ def run_local(store: RunStore, plan: SweepPlan, *, progress: Callable[[dict], No
         if waiting:
             time.sleep(max(poll_s, tick_s(len(waiting))))
     return final
+
+
+def _worker_died(store: RunStore, run_id: str) -> bool:
+    """Whether the run failed because the process running it ended, not by an error."""
+    try:
+        return bool(store.get(run_id).status().get("owner_gone"))
+    except Exception:  # noqa: BLE001 - unreadable: not a retry
+        return False
 
 
 def finished_event(store: RunStore, run_id: str, label: str, state: str,

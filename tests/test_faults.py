@@ -131,7 +131,8 @@ def test_cli_run_sigkill_reads_failed(cli_runs, capsys):
     assert main(["runs", "--store", str(store), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["status"] == "failed" and f"pid {proc.pid}" in row["error"]
-    assert json.loads((run.path / "status.json").read_text())["status"] == "failed"
+    repaired = json.loads((run.path / "status.json").read_text())
+    assert repaired["status"] == "failed" and repaired["owner_gone"]  # a sweep retries it
     assert len(run.metrics()) >= 1  # finished epochs stay
 
 
@@ -152,6 +153,7 @@ def test_queued_runs_killed_with_sigterm_and_sigkill(queued):
            and not queue.slot_is_busy(store, "cpu:0"))
     status = second.status()
     assert status["status"] == "failed" and f"pid {child}" in status["error"]
+    assert status["owner_gone"]  # died, not an error of the run: a sweep queues it again
     state = queue.queue_state(store)
     assert not state.running and not state.queued
 

@@ -132,7 +132,7 @@ def _fail_if_unfinished(run: Run, proc: multiprocessing.process.BaseProcess) -> 
         code = proc.exitcode
         why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         run.set_status("failed", error=f"run process died ({why}, pid {proc.pid})",
-                       finished=time.time())
+                       finished=time.time(), owner_gone=True)
 
 
 def serve(store: RunStore, slot: str, *, grace_s: float = GRACE_S) -> int:

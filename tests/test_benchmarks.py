@@ -15,16 +15,21 @@ from vpeft_viz.methods import method_names
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def gpu_suite():
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (its own imports resolved from that folder)."""
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("gpu_suite", BENCH / "gpu_suite.py")
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        yield module
+        return module
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def gpu_suite():
+    return load_benchmark("gpu_suite")
 
 
 def test_smoke_configuration_covers_every_method(gpu_suite):
@@ -42,14 +47,7 @@ def test_smoke_configuration_covers_every_method(gpu_suite):
 
 @pytest.fixture(scope="module")
 def inside_bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("inside_bench", BENCH / "inside.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_benchmark("inside")
 
 
 def test_inside_smoke_configuration_times_attributions_and_cka(inside_bench):
@@ -73,13 +71,7 @@ def test_inside_smoke_configuration_times_attributions_and_cka(inside_bench):
 def test_live_recipe_chooses_on_validation_from_complete_grid_points(tmp_path):
     """The learning rate is chosen by the suite's mean validation accuracy (never test), only
     among rates run on every task; its sweep spec is one the sweep command accepts."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("live_recipe", BENCH / "live_recipe.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
+    module = load_benchmark("live_recipe")
     from vpeft_viz.runs.sweep.spec import expand, load_spec
 
     def r(val, test):
@@ -100,13 +92,7 @@ def test_live_recipe_chooses_on_validation_from_complete_grid_points(tmp_path):
 
 
 def test_live_recipe_bars_follow_the_issue():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("live_recipe", BENCH / "live_recipe.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
+    module = load_benchmark("live_recipe")
     bars = module.targets({"a": {"test_acc": 0.92, "chance": 0.5},     # capped at 0.95
                            "b": {"test_acc": 0.14, "chance": 0.10},    # 2 x chance wins
                            "c": {"test_acc": 0.60, "chance": 0.10}})   # pixels + 5 wins

@@ -134,20 +134,21 @@ def setting_labels(setting_keys: Iterable[str],
     """A short label per setting (``setting_key`` JSON → ``"epochs=3, rank=4"``).
 
     A run's label names what sets it apart among *all* the settings given (every store
-    loaded together; ``stores_of``: setting key → the stores holding runs of it). A shared
-    entry (epochs, lr, backbone, device...) that tells stores apart — a store has an unusual
-    value of it no other store has, e.g. your 3-epoch runs beside the shipped 10-epoch ones —
-    is named on every setting. Any other shared entry that differs anywhere is named on a setting
-    where it departs from its usual value — the one strictly more
-    settings have than any other (a tie: named everywhere) — and on every setting of a method
-    whose settings differ in it: so 20-epoch few-shot runs say ``epochs=20`` without making
-    every 10-epoch group say ``epochs=10``, and a 3-epoch LoRA of yours beside the shipped
-    10-epoch LoRA reads ``epochs=3`` / ``epochs=10``. A method's own entries
-    (``method_config.*``, and the learning rate: each method has its own default) are named
-    when they differ between settings of that method. Empty
-    when nothing differs. An entry a setting lacks (unset, e.g. a run on the whole training
-    split has no ``shots``) is never named; "unset" counts as a value when finding the usual
-    one.
+    loaded together; ``stores_of``: setting key → the stores holding runs of it).
+
+    * A shared entry (epochs, backbone, device...) that tells stores apart — a store has an
+      unusual value of it that no other store has, e.g. your 3-epoch runs beside the shipped
+      10-epoch ones — is named on every setting.
+    * Any other shared entry that differs anywhere is named where a setting departs from its
+      usual value (the one strictly more settings have than any other; a tie: everywhere)
+      and on every setting of a method whose settings differ in it: 20-epoch few-shot runs
+      say ``epochs=20`` without making every 10-epoch group say ``epochs=10``.
+    * A method's own entries (``method_config.*``, and the learning rate, since each method
+      has its own default) are named when settings of that method differ in them.
+
+    Empty when nothing differs. An entry a setting lacks (unset, e.g. a run on the whole
+    training split has no ``shots``) is never named; "unset" counts as a value when finding
+    the usual one.
     """
     settings = {k: json.loads(k) for k in dict.fromkeys(setting_keys)}
     by_method: dict[Any, list[str]] = {}

@@ -93,7 +93,7 @@ def choose(runs: dict[str, dict[float, dict[str, dict]]], methods: list[str],
                  for lr, r in by_lr.items()}
         best = max(means, key=lambda lr: (means[lr]["val"], -lr))
         chosen[method] = {"lr": best, "val_mean": means[best]["val"],
-                          "test_mean": means[best]["test"]}
+                          "test_mean": means[best]["test"], "rates_compared": len(by_lr)}
         tables[method] = {str(lr): {"per_task": by_lr[lr], **means[lr]} for lr in sorted(by_lr)}
     return chosen, tables
 
@@ -160,7 +160,9 @@ def main() -> None:
     chosen, tables = choose(runs, args.methods, args.tasks)
     for method, pick in chosen.items():
         rows = tables[method]
-        print(f"\n{method} (chosen on validation: lr {pick['lr']:g})\n")
+        how = ("chosen on validation" if pick["rates_compared"] > 1
+               else "the only rate run on every task: nothing chosen")
+        print(f"\n{method} ({how}: lr {pick['lr']:g})\n")
         print("| lr | " + " | ".join(args.tasks) + " | val mean | test mean |")
         print("|---" * (len(args.tasks) + 3) + "|")
         for lr, row in rows.items():

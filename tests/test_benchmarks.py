@@ -82,7 +82,7 @@ def test_live_recipe_chooses_on_validation_from_complete_grid_points(tmp_path):
                      3e-2: {"a": r(0.9, 0.9)}}}                    # task b missing
     chosen, tables = module.choose(runs, ["lora", "ssf"], ["a", "b"])
     assert chosen == {"lora": {"lr": 1e-2, "val_mean": pytest.approx(0.65),
-                               "test_mean": pytest.approx(0.4)}}
+                               "test_mean": pytest.approx(0.4), "rates_compared": 2}}
     assert list(tables["lora"]) == ["0.001", "0.01"]
     path = tmp_path / "s.toml"
     path.write_text(module.spec_text("s", "lora", (1e-3, 1e-2), ["digits", "count"], None,

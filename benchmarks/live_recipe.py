@@ -41,6 +41,7 @@ GRIDS = {
     "lora": (1e-3, 3e-3, 1e-2, 3e-2),
     "adaptformer": (1e-3, 3e-3, 1e-2, 3e-2),
     "ssf": (1e-3, 3e-3, 1e-2, 3e-2),
+    "vpt-deep": (1e-3, 1e-2),
 }
 
 
@@ -133,7 +134,7 @@ def main() -> None:
     p.add_argument("--store", type=Path, required=True, help="run store for the sweep")
     p.add_argument("--checkpoint", default=None, help="backbone weights file (default: the "
                    "shipped embedded weights)")
-    p.add_argument("--methods", nargs="*", default=list(GRIDS))
+    p.add_argument("--methods", nargs="*", default=list(GRIDS), choices=list(GRIDS))
     p.add_argument("--tasks", nargs="*", default=list(EMBEDDED_TASKS))
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))

@@ -37,7 +37,7 @@ from _common import write_result  # noqa: E402
 # Learning rates tried per method (families: the head alone, every weight, PEFT modules).
 GRIDS = {
     "linear": (0.01, 0.03, 0.1, 0.3),
-    "full": (1e-4, 3e-4),
+    "full": (1e-4, 3e-4, 1e-3),
     "lora": (1e-3, 3e-3, 1e-2, 3e-2),
     "adaptformer": (1e-3, 3e-3, 1e-2, 3e-2),
     "ssf": (1e-3, 3e-3, 1e-2, 3e-2),

@@ -25,12 +25,10 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .weights import (  # noqa: F401  (re-exported: the shipped weights' identity)
+from .weights import (  # noqa: F401  (WEIGHTS_DIR re-exported for the Train page)
     EMBEDDED_BACKBONE,
     EMBEDDED_WEIGHTS,
-    EMBEDDED_WEIGHTS_V1,
     WEIGHTS_DIR,
-    recorded_weights_id,
 )
 
 # Architecture of the embedded default, sized for live CPU runs (64 patch tokens + CLS).

@@ -48,10 +48,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def read_recipe(path: Path) -> dict[str, Any]:
     """The recipe a checkpoint was made with (to resume it without repeating every flag)."""
-    return _read(Path(path))["recipe"]
+    return read_checkpoint(Path(path))["recipe"]
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's whole state (tensors on the CPU), checked to be one; no recipe check."""
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
@@ -73,7 +74,7 @@ def load_checkpoint(path: Path, recipe: dict[str, Any], photos: str | None) -> d
     a checkpoint made on another photo set is refused too, as its batches would differ.
     """
     path = Path(path)
-    state = _read(path)
+    state = read_checkpoint(path)
     diffs = recipe_differences(state["recipe"], recipe)
     if state.get("photos") != photos:
         diffs.append(f"photo set: checkpoint {state.get('photos')!r}, now {photos!r}")

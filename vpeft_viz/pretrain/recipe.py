@@ -27,7 +27,7 @@ from torch import nn
 from ..backbones import EMBEDDED_ARCH, EMBEDDED_MEAN, EMBEDDED_STD
 from ..config import Config, ConfigError, param
 from . import images
-from .checkpoint import load_checkpoint, read_recipe, save_checkpoint
+from .checkpoint import load_checkpoint, read_checkpoint, read_recipe, save_checkpoint
 from .fractals import fractal_classes, render_fractals
 from .images import IMAGE_SIZE, PHOTO_PACKAGES, crop_photos, load_fashion_mnist, tint_fashion
 
@@ -459,8 +459,8 @@ def write_snapshot(checkpoint: Path, out: Path) -> dict:
     """
     from safetensors.torch import save_file
 
-    state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
-    cfg = PretrainConfig.from_dict(read_recipe(checkpoint))
+    state = read_checkpoint(Path(checkpoint))  # read once: weights, step and recipe
+    cfg = PretrainConfig.from_dict(state["recipe"])
     model = VisionTransformer(**{**cfg.arch(), "num_classes": 0})
     student = {k[2:]: v for k, v in state["trainable"].items()
                if k.startswith("0.") and not k.startswith("0.head.")}
@@ -559,11 +559,11 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
 
 def run_from_args(args: argparse.Namespace) -> dict:
     """Run ``python -m vpeft_viz pretrain`` with parsed :func:`add_arguments` flags."""
-    cfg = config_from_args(args)
-    if getattr(args, "snapshot", False):
+    if getattr(args, "snapshot", False):  # trains nothing: the checkpoint holds the recipe
         if args.resume is None or args.out is None:
             raise ConfigError("--snapshot needs --resume CHECKPOINT and --out WEIGHTS")
         return write_snapshot(args.resume, args.out)
+    cfg = config_from_args(args)
     progress = None
     if args.log_every > 0:
         import sys

@@ -58,8 +58,14 @@ def spec_text(name: str, method: str, lrs: tuple[float, ...], tasks: list[str],
 
 def collect(store: Path, checkpoint: str | None) -> dict[str, dict[float, dict[str, dict]]]:
     """method → lr → task → {val_acc, test_acc, train_time_s} of finished seed-0 runs on
-    the given backbone (a checkpoint path, or the embedded default)."""
+    the given backbone (a checkpoint path, or the embedded default) with the weights that
+    are there now."""
+    from vpeft_viz.backbones import weights_fingerprint
+    from vpeft_viz.weights import EMBEDDED_WEIGHTS, recorded_weights_id
+
     want = str(Path(checkpoint).resolve()) if checkpoint else None
+    # the same path may have held other weights (the shipped file before a new one shipped)
+    weights = weights_fingerprint(checkpoint or EMBEDDED_WEIGHTS)
     out: dict[str, dict[float, dict[str, dict]]] = {}
     for d in sorted(store.iterdir()):
         try:
@@ -67,7 +73,8 @@ def collect(store: Path, checkpoint: str | None) -> dict[str, dict[float, dict[s
             s = json.loads((d / "summary.json").read_text())
         except (OSError, ValueError):
             continue
-        if cfg["backbone"].get("checkpoint") != want or cfg["train"].get("seed") != 0:
+        if (cfg["backbone"].get("checkpoint") != want or cfg["train"].get("seed") != 0
+                or recorded_weights_id(cfg["backbone"]) not in (weights, None)):
             continue
         if s.get("test_acc") is None:
             continue
@@ -134,7 +141,11 @@ def main() -> None:
     p.add_argument("--store", type=Path, required=True, help="run store for the sweep")
     p.add_argument("--checkpoint", default=None, help="backbone weights file (default: the "
                    "shipped embedded weights)")
-    p.add_argument("--methods", nargs="*", default=list(GRIDS), choices=list(GRIDS))
+    p.add_argument("--methods", nargs="*", default=list(GRIDS),
+                   help=f"default: {' '.join(GRIDS)} (with --defaults: any method)")
+    p.add_argument("--defaults", action="store_true", help="one rate per method, its default "
+                   "on the embedded backbone (the live recipe as shipped): with the default "
+                   "--precision, the bars of issue #9 measured at the default live recipe")
     p.add_argument("--tasks", nargs="*", default=list(EMBEDDED_TASKS))
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
@@ -143,6 +154,20 @@ def main() -> None:
                    "the runs the store has")
     p.add_argument("--out", default="live_recipe", help="result name under results/")
     args = p.parse_args()
+    if args.defaults:
+        from vpeft_viz.methods import get_method_class
+        from vpeft_viz.weights import EMBEDDED_BACKBONE
+
+        grids = {m: (get_method_class(m).default_lr_on(EMBEDDED_BACKBONE),)
+                 for m in args.methods}
+    elif args.select_only:  # any method: the rates are those the store has
+        grids = {m: GRIDS.get(m, ()) for m in args.methods}
+    else:
+        unknown = [m for m in args.methods if m not in GRIDS]
+        if unknown:
+            p.error(f"no learning-rate grid for {', '.join(unknown)} (grids: {', '.join(GRIDS)}"
+                    "); --defaults runs any method at its default rate, --select-only reads any")
+        grids = GRIDS
     args.store.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     tag = Path(args.checkpoint).stem if args.checkpoint else "embedded"
@@ -150,7 +175,7 @@ def main() -> None:
         env = {**os.environ, "VPEFT_VIZ_CPU_WORKERS": str(args.workers)}
         for method in args.methods:
             spec = args.store / f"recipe-{method}-{tag}.toml"
-            spec.write_text(spec_text(spec.stem, method, GRIDS[method], args.tasks,
+            spec.write_text(spec_text(spec.stem, method, grids[method], args.tasks,
                                       args.checkpoint, args.precision, args.epochs))
             done = subprocess.run([sys.executable, "-m", "vpeft_viz", "sweep", str(spec),
                                    "--backend", "local", "--store", str(args.store)], env=env)
@@ -158,6 +183,9 @@ def main() -> None:
                 print(f"sweep {spec.name} ended with status {done.returncode}; the choice "
                       "uses the learning rates with a run on every task", file=sys.stderr)
     runs = collect(args.store, args.checkpoint)
+    if args.defaults:  # the store may hold other rates: only the defaults count here
+        runs = {m: {lr: r for lr, r in runs.get(m, {}).items() if lr in grids[m]}
+                for m in args.methods}
     chosen, tables = choose(runs, args.methods, args.tasks)
     for method, pick in chosen.items():
         rows = tables[method]
@@ -184,7 +212,7 @@ def main() -> None:
         "backbone": args.checkpoint or "embedded (shipped weights)",
         "recipe": {"epochs": args.epochs, "seed": 0, "precision": args.precision,
                    "split": "train800 → val200 (choice) → test (reported)"},
-        "grids": {m: list(GRIDS[m]) for m in args.methods}, "tasks": args.tasks,
+        "grids": {m: list(grids[m]) for m in args.methods}, "defaults": args.defaults, "tasks": args.tasks,
         "chosen": chosen, "tables": tables, "suite_check": check,
         "wall_s": round(time.time() - t0, 1)})
     print(f"wrote {path}")

@@ -110,3 +110,16 @@ def test_live_recipe_bars_follow_the_issue():
     assert all(t["pass"] for t in check["tasks"].values())
     assert check["lora_mean_ge_0.70"] and not check["linear_mean_ge_0.55"]
     assert check["vtab_pattern"]
+
+
+def test_live_vs_plain_loop_does_the_engine_runs_work(tmp_path):
+    """The plain reference loop trains the run config's model and recipe on the decoded
+    splits (here one epoch): it learns, and it reads the same learning rate as the engine."""
+    module = load_benchmark("live_vs_plain")
+    from vpeft_viz.runs.execute import make_run_config
+
+    cfg = make_run_config(method="lora", data="embedded:faces", train={"epochs": 1})
+    classes, data = module.decoded_splits("embedded:faces", cfg["backbone"]["name"], 0)
+    assert classes == 2 and len(data["train"][1]) == 800 and data["train"][0].shape[1:] == (3, 32, 32)
+    res = module.plain_run("lora", cfg, classes, data)
+    assert res["wall_s"] > 0 and 0.6 < res["test_acc"] <= 1.0

@@ -283,6 +283,34 @@ def test_tour_needs_all_three_methods(store: RunStore) -> None:
 
 
 # -- cached runs --------------------------------------------------------------------------
+def test_shipped_flatness_records_are_part_of_the_recipe(tmp_path, monkeypatch) -> None:
+    """Regeneration measures the flatness records the Flatness page opens on, for the
+    runs that ship with weights, and only where a record with the settings is missing."""
+    from vpeft_viz.analysis import flatness
+    from vpeft_viz.runs import cached
+
+    ids = cached.flatness_run_ids(cached.planned_runs())
+    assert "digits-bi-adaptformer-s0" in ids and "digits-bi-adaptformer-b2-s0" in ids
+    assert all(i.split("-s")[-1] == "0" for i in ids)
+    assert not any("-full-" in i or "-linear-" in i for i in ids)
+    store = RunStore(tmp_path)
+    for run_id, weights in (("a", True), ("b", False), ("c", True)):
+        run = store.create({"method": "lora"}, run_id=run_id)
+        if weights:
+            run.weights_path.write_bytes(b"w")
+    seen = []
+
+    def fake_compute(path, settings):
+        seen.append((path.name, settings.images, settings.grid_2d))
+        return {}
+
+    monkeypatch.setattr(flatness, "compute_flatness", fake_compute)
+    monkeypatch.setattr(flatness, "load_record",
+                        lambda path, settings: {} if path.name == "c" else None)
+    assert cached._measure_flatness(store, ["a", "b", "c"], None) == ["a"]
+    assert seen == [("a", 64, 7)]
+
+
 def test_regenerate_swaps_in_resumes_and_drops_big_weights(tmp_path, monkeypatch) -> None:
     from vpeft_viz import backbones
     from vpeft_viz.runs import cached, execute
@@ -405,7 +433,7 @@ def test_runs_record_the_learning_rate_they_used_and_old_null_ones_read_as_then(
     from vpeft_viz.runs.recipe import canonical_config, same_recipe
 
     cfg = make_run_config(method="linear", data=str(vtab_task))
-    assert cfg["train"]["lr"] == get_method_class("linear").default_lr
+    assert cfg["train"]["lr"] == get_method_class("linear").default_lr_on(None)
     old = {**cfg, "train": {**cfg["train"], "lr": None}}
     old["backbone"] = {k: v for k, v in cfg["backbone"].items() if k != "weights"}
     assert canonical_config(old)["train"]["lr"] == 1e-2

@@ -15,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 from vpeft_viz.methods import get_method_class, method_names, methods_with_view, view_pages
 from vpeft_viz.runs import cached
 from vpeft_viz.ui.common import PAGES_DIR, page_blurb, page_files, page_title
+from vpeft_viz.weights import EMBEDDED_BACKBONE
 
 TIMEOUT = 180
 VIEW_PAGES = sorted(set(view_pages().values()))
@@ -67,8 +68,31 @@ def test_learning_rate_help_is_derived_from_the_methods():
     from vpeft_viz.train import TrainConfig
 
     (lr,) = [f for f in fields(TrainConfig) if f.name == "lr"]
+    embedded, other = lr.metadata["help"].split("on other backbones")
     for name in method_names():
-        assert f"{get_method_class(name).default_lr:g}" in lr.metadata["help"]
+        assert f"{get_method_class(name).default_lr:g}" in other
+        assert f"{get_method_class(name).default_lr_on(EMBEDDED_BACKBONE):g}" in embedded
+
+
+def test_default_learning_rate_belongs_to_the_backbone():
+    """The embedded backbone's live recipe has its own rates (chosen on its validation
+    splits); a run on any other backbone uses the method's own default."""
+    from vpeft_viz.runs.execute import make_run_config
+    from vpeft_viz.weights import EMBEDDED_LR
+
+    assert set(EMBEDDED_LR) <= set(method_names())
+    for name in method_names():
+        cls = get_method_class(name)
+        assert cls.default_lr_on(EMBEDDED_BACKBONE) == EMBEDDED_LR.get(name, cls.default_lr)
+        assert cls.default_lr_on(None) == cls.default_lr_on(EMBEDDED_BACKBONE)
+        assert cls.default_lr_on("vit_base_patch16_224") == cls.default_lr
+    cfg = make_run_config(method="lora", data="embedded:count", pretrained=False)
+    assert cfg["train"]["lr"] == EMBEDDED_LR["lora"]
+    cfg = make_run_config(method="lora", data="embedded:count", pretrained=False,
+                          backbone="vit_tiny_patch16_224")
+    assert cfg["train"]["lr"] == get_method_class("lora").default_lr
+    given = make_run_config(method="lora", data="embedded:count", train={"lr": 0.05})
+    assert given["train"]["lr"] == 0.05
 
 
 def test_cached_variants_are_valid_settings_with_their_own_run_ids():

@@ -25,14 +25,23 @@ from .config import Config, ConfigError, param
 from .methods import PeftMethod, get_method_class, method_names, trainable_state
 
 
-def _default_lrs() -> str:
-    """The registered methods' default learning rates, for the ``lr`` help text."""
+def _lrs_text(lr_of) -> str:
+    """``lr_of(method class)`` over the registered methods, grouped: most common first."""
     by_lr: dict[float, list[str]] = {}
     for name in method_names():
-        by_lr.setdefault(get_method_class(name).default_lr, []).append(name)
+        by_lr.setdefault(lr_of(get_method_class(name)), []).append(name)
     common = max(by_lr, key=lambda lr: len(by_lr[lr]))
     others = [f"{lr:g} for {', '.join(names)}" for lr, names in by_lr.items() if lr != common]
     return "; ".join([f"{common:g} for most methods", *others])
+
+
+def _default_lrs() -> str:
+    """The registered methods' default learning rates, for the ``lr`` help text."""
+    from .weights import EMBEDDED_BACKBONE
+
+    return (f"on the embedded backbone, chosen on its validation splits: "
+            f"{_lrs_text(lambda m: m.default_lr_on(EMBEDDED_BACKBONE))}; on other backbones: "
+            f"{_lrs_text(lambda m: m.default_lr)}")
 
 
 @dataclass

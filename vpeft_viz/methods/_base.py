@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..weights import EMBEDDED_BACKBONE, EMBEDDED_LR
 
 
 class NotMergeableError(RuntimeError):
@@ -95,6 +96,8 @@ class PeftMethod:
     mergeable: ClassVar[bool] = False  # merge() returns a plain timm model, same function
     needs_data: ClassVar[bool] = False  # prepare() must see training images
     trains_backbone: ClassVar[bool] = False  # full fine-tuning
+    # Peak learning rate when a run gives none, on hub backbones (the common VTAB-1k AdamW
+    # rates); the embedded backbone has its own, chosen on validation: ``default_lr_on``.
     default_lr: ClassVar[float] = 1e-3
 
     # -- what the lab needs to know (every per-method list is derived from these) -------
@@ -116,6 +119,15 @@ class PeftMethod:
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def default_lr_on(cls, backbone: str | None) -> float:
+        """The learning rate a run of this method on ``backbone`` uses when it gives none:
+        the embedded backbone's live recipe (:data:`vpeft_viz.weights.EMBEDDED_LR`, chosen on
+        its validation splits), else :attr:`default_lr`."""
+        if backbone in (None, EMBEDDED_BACKBONE):
+            return EMBEDDED_LR.get(cls.name, cls.default_lr)
+        return cls.default_lr
 
     # -- life cycle ---------------------------------------------------------------------
     def prepare(self, model: nn.Module, loader, *, device: torch.device, progress=None) -> None:

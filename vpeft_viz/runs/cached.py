@@ -45,6 +45,13 @@ def default_recipe() -> tuple[tuple[str, str, tuple[int, ...], int], ...]:
 
 
 WEIGHT_LIMIT_BYTES = 1_000_000
+
+# Flatness records shipped with the store (the Flatness page opens on them; docs/
+# lowbit-flatness.md): every seed-0 run of these methods, variants included, measured after
+# training with light settings that take seconds per run on two CPU cores.
+FLATNESS_METHODS = ("lora", "adaptformer", "bi-lora", "bi-adaptformer")
+FLATNESS_SETTINGS = {"images": "64", "grid_2d": "7", "points_1d": "41", "draws": "2",
+                     "lanczos_steps": "8", "trace_samples": "4"}
 COMMAND = "python -m vpeft_viz cache-runs"
 
 Progress = Callable[[int, int, str], None]  # (runs finished, runs planned, message)
@@ -82,6 +89,30 @@ def planned_runs(recipe: Sequence[tuple[str, str, Sequence[int], int]] | None = 
                         "epochs": 1 if quick else int(epochs), "settings": {}, "train": {},
                         "run_id": f"{task}-{method}-s{seed}"})
     return out + (variant_specs(quick=quick) if recipe is None else [])
+
+
+def flatness_run_ids(specs: Sequence[dict[str, Any]]) -> list[str]:
+    """The planned runs that ship with a flatness record (:data:`FLATNESS_METHODS`)."""
+    return [s["run_id"] for s in specs if s["method"] in FLATNESS_METHODS and s["seed"] == 0]
+
+
+def _measure_flatness(store: RunStore, run_ids: Sequence[str],
+                      progress: Progress | None) -> list[str]:
+    """Compute the missing flatness records (or those made with other settings); returns
+    the run ids measured."""
+    from ..analysis.flatness import FlatnessSettings, compute_flatness, load_record
+
+    settings = FlatnessSettings.from_strings(FLATNESS_SETTINGS)
+    measured = []
+    for i, run_id in enumerate(run_ids):
+        run = store.get(run_id)
+        if load_record(run.path, settings) is not None or not run.weights_path.is_file():
+            continue
+        if progress:
+            progress(i, len(run_ids), f"flatness of {run_id}")
+        compute_flatness(run.path, settings)
+        measured.append(run_id)
+    return measured
 
 
 def _run_config(spec: dict[str, Any], pretrained: bool, device: str = "auto") -> dict[str, Any]:
@@ -141,6 +172,7 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
     from .execute import execute_run, versions
 
     specs = planned_runs(recipe, quick=quick)
+    recipe_is_default = recipe is None
     recipe = default_recipe() if recipe is None else recipe
     pretrained = EMBEDDED_WEIGHTS.is_file()
     if not pretrained and not quick:
@@ -177,6 +209,10 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
         if progress:
             progress(i + 1, len(specs), f"{label}: test {summary['test_acc']:.3f}")
 
+    # flatness records: the shipped store's (default recipe), not a quick check's
+    measured = (_measure_flatness(store, flatness_run_ids(specs), progress)
+                if recipe_is_default and not quick else [])
+
     previous = read_json(partial / "manifest.json", default=None) if update else None
     manifest = {"command": COMMAND + (" --quick" if quick else "") + (" --update" if update
                                                                        else ""), "quick": quick,
@@ -189,6 +225,8 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
                                                 "train")}
                              for s in specs if s["settings"] or s.get("train")],
                 "runs": [s["run_id"] for s in specs], "trained": trained,
+                "flatness": {"settings": FLATNESS_SETTINGS, "runs": flatness_run_ids(specs)
+                             if recipe_is_default and not quick else [], "measured": measured},
                 "kept": [s["run_id"] for s in specs if s["run_id"] not in trained],
                 "sources": _sources(store, [s["run_id"] for s in specs]),
                 "versions": versions()}
@@ -273,6 +311,9 @@ epoch) checks the recipe.
   the run that needed them and listed under `sources` in the manifest.
 - Weights files larger than {WEIGHT_LIMIT_BYTES:,} bytes are not shipped (full fine-tuning, HST):
   such a run's `summary.json` still gives `weight_bytes` and says `"weights_shipped": false`.
+- `artifacts/flatness.json` of every seed-0 run of {", ".join(FLATNESS_METHODS)}: the
+  Flatness page's record (docs/lowbit-flatness.md), measured after training with
+  {", ".join(f"{k}={v}" for k, v in FLATNESS_SETTINGS.items())}.
 - Model selection: each run keeps the epoch with the best validation accuracy and reports
   its test accuracy once.
 """

@@ -108,7 +108,8 @@ def make_run_config(*, method: str, data: str, backbone: str | None = None,
         "data": data_cfg,
         # the learning rate used, never null: a later change of a method's default must not
         # change what this run says it did (runs/recipe.py reads older null ones)
-        "train": {**t.to_dict(), "lr": t.lr if t.lr is not None else m.default_lr},
+        "train": {**t.to_dict(), "lr": t.lr if t.lr is not None
+                  else m.default_lr_on(backbone or EMBEDDED_BACKBONE)},
         "versions": versions(),
     }
     if m.source_request() is not None:  # a named source run must exist and fit (PVP)

@@ -212,7 +212,8 @@ def main() -> None:
         "backbone": args.checkpoint or "embedded (shipped weights)",
         "recipe": {"epochs": args.epochs, "seed": 0, "precision": args.precision,
                    "split": "train800 → val200 (choice) → test (reported)"},
-        "grids": {m: list(grids[m]) for m in args.methods}, "defaults": args.defaults, "tasks": args.tasks,
+        "grids": {m: list(grids[m]) for m in args.methods}, "defaults": args.defaults,
+        "tasks": args.tasks,
         "chosen": chosen, "tables": tables, "suite_check": check,
         "wall_s": round(time.time() - t0, 1)})
     print(f"wrote {path}")

@@ -120,6 +120,7 @@ def test_live_vs_plain_loop_does_the_engine_runs_work(tmp_path):
 
     cfg = make_run_config(method="lora", data="embedded:faces", train={"epochs": 1})
     classes, data = module.decoded_splits("embedded:faces", cfg["backbone"]["name"], 0)
-    assert classes == 2 and len(data["train"][1]) == 800 and data["train"][0].shape[1:] == (3, 32, 32)
+    assert classes == 2 and len(data["train"][1]) == 800
+    assert data["train"][0].shape[1:] == (3, 32, 32)
     res = module.plain_run("lora", cfg, classes, data)
     assert res["wall_s"] > 0 and 0.6 < res["test_acc"] <= 1.0

@@ -22,10 +22,10 @@ EMBEDDED_WEIGHTS_V1 = "sha256:7b87374f3a0c603d"
 
 # The default live recipe's peak learning rate per method on the embedded backbone, chosen on
 # the validation splits of the embedded suite for the shipped weights (MODEL_CARD.md, "How
-# the live recipe was chosen"; `benchmarks/live_recipe.py`). A rate belongs to a backbone, not to a method: a
-# 1.2 M-parameter ViT briefly distilled at 32 px wants larger steps than an ImageNet-21k
-# ViT-B/16, so runs on any other backbone use the method's own ``default_lr`` (the common
-# VTAB-1k AdamW rates). Resolved by ``PeftMethod.default_lr_on``.
+# the live recipe was chosen"; `benchmarks/live_recipe.py`). A rate belongs to a backbone,
+# not to a method: a 1.2 M-parameter ViT briefly distilled at 32 px wants larger steps than
+# an ImageNet-21k ViT-B/16, so runs on any other backbone use the method's own
+# ``default_lr`` (the common VTAB-1k AdamW rates). Resolved by ``PeftMethod.default_lr_on``.
 EMBEDDED_LR: dict[str, float] = {
     # chosen on the plain mean of val200 accuracy over the 10 tasks of the default suite
     "linear": 0.3,  # 0.638 (0.1: 0.636, 0.03: 0.624, 0.01: 0.603)

@@ -210,7 +210,9 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
             progress(i + 1, len(specs), f"{label}: test {summary['test_acc']:.3f}")
 
     # flatness records: the shipped store's (default recipe), not a quick check's
-    measured = (_measure_flatness(store, flatness_run_ids(specs), progress)
+    after = (None if progress is None else  # the bar stays full; the message says which
+             lambda i, n, message: progress(len(specs), len(specs), f"{message} ({i + 1}/{n})"))
+    measured = (_measure_flatness(store, flatness_run_ids(specs), after)
                 if recipe_is_default and not quick else [])
 
     previous = read_json(partial / "manifest.json", default=None) if update else None

@@ -307,7 +307,8 @@ def test_shipped_flatness_records_are_part_of_the_recipe(tmp_path, monkeypatch) 
     monkeypatch.setattr(flatness, "compute_flatness", fake_compute)
     monkeypatch.setattr(flatness, "load_record",
                         lambda path, settings: {} if path.name == "c" else None)
-    assert cached._measure_flatness(store, ["a", "b", "c"], None) == ["a"]
+    settings = flatness.FlatnessSettings.from_strings(cached.FLATNESS_SETTINGS)
+    assert flatness.measure_missing(store, ["a", "b", "c"], settings) == ["a"]
     assert seen == [("a", 64, 7)]
 
 

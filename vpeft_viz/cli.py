@@ -260,9 +260,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_runs(args: argparse.Namespace) -> int:
+    from .analysis.flatness import FlatnessSettings, measure_missing
+    from .runs.cached import FLATNESS_SETTINGS
     from .runs.cached import main as regenerate_main
 
-    return regenerate_main(args.cached_args) or 0
+    settings = FlatnessSettings.from_strings(FLATNESS_SETTINGS)
+    return regenerate_main(args.cached_args, measure_flatness=lambda store, ids, progress:
+                           measure_missing(store, ids, settings, progress)) or 0
 
 
 def cmd_pixels(args: argparse.Namespace) -> int:

@@ -294,3 +294,20 @@ def weight_histograms(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
             "names": [str(n) for n in arrays["matrix_names"]],
             "codebook": np.asarray(arrays.get("codebook", np.zeros(0))),
             "bits": int(np.asarray(arrays.get("bits", 32)))}
+
+
+def measure_missing(store, run_ids, settings: FlatnessSettings,
+                    progress: Callable[[int, int, str], None] | None = None) -> list[str]:
+    """Compute the records of ``run_ids`` in ``store`` that are missing or were made with other
+    settings, for runs whose weights are stored; returns the run ids measured (the shipped
+    store's records, ``python -m vpeft_viz cache-runs``)."""
+    measured = []
+    for i, run_id in enumerate(run_ids):
+        run = store.get(run_id)
+        if load_record(run.path, settings) is not None or not run.weights_path.is_file():
+            continue
+        if progress:
+            progress(i, len(run_ids), f"flatness of {run_id}")
+        compute_flatness(run.path, settings)
+        measured.append(run_id)
+    return measured

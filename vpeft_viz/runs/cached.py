@@ -55,6 +55,7 @@ FLATNESS_SETTINGS = {"images": "64", "grid_2d": "7", "points_1d": "41", "draws":
 COMMAND = "python -m vpeft_viz cache-runs"
 
 Progress = Callable[[int, int, str], None]  # (runs finished, runs planned, message)
+MeasureFlatness = Callable[[RunStore, Sequence[str], "Progress | None"], list[str]]
 
 
 def variant_specs(*, quick: bool = False) -> list[dict[str, Any]]:
@@ -96,25 +97,6 @@ def flatness_run_ids(specs: Sequence[dict[str, Any]]) -> list[str]:
     return [s["run_id"] for s in specs if s["method"] in FLATNESS_METHODS and s["seed"] == 0]
 
 
-def _measure_flatness(store: RunStore, run_ids: Sequence[str],
-                      progress: Progress | None) -> list[str]:
-    """Compute the missing flatness records (or those made with other settings); returns
-    the run ids measured."""
-    from ..analysis.flatness import FlatnessSettings, compute_flatness, load_record
-
-    settings = FlatnessSettings.from_strings(FLATNESS_SETTINGS)
-    measured = []
-    for i, run_id in enumerate(run_ids):
-        run = store.get(run_id)
-        if load_record(run.path, settings) is not None or not run.weights_path.is_file():
-            continue
-        if progress:
-            progress(i, len(run_ids), f"flatness of {run_id}")
-        compute_flatness(run.path, settings)
-        measured.append(run_id)
-    return measured
-
-
 def _run_config(spec: dict[str, Any], pretrained: bool, device: str = "auto") -> dict[str, Any]:
     from .execute import make_run_config
 
@@ -154,7 +136,8 @@ def _sources(store: RunStore, run_ids: Sequence[str]) -> list[str]:
 
 def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progress | None = None,
                recipe: Sequence[tuple[str, str, Sequence[int], int]] | None = None,
-               update: bool = False, device: str = "auto") -> dict[str, Any]:
+               update: bool = False, device: str = "auto",
+               measure_flatness: MeasureFlatness | None = None) -> dict[str, Any]:
     """Run ``recipe`` into a fresh store at ``out`` (replacing it at the end); returns the
     manifest written to ``out/manifest.json``.
 
@@ -162,7 +145,9 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
     settings, backbone and training recipe equal what the recipe would create now (today's
     defaults filled in) is kept; missing runs and runs made under other settings are
     trained. ``device`` (``auto``, ``cpu``, ``cuda``) is recorded in every run's training
-    settings.
+    settings. ``measure_flatness(store, run_ids, progress)`` (given by the command line,
+    which may use the analysis layer; returns the ids measured) computes the shipped
+    flatness records (:data:`FLATNESS_SETTINGS`) that are missing.
 
     Needs the embedded backbone's weights, except with ``quick`` (first seed, one epoch),
     which falls back to a random-init backbone when they are missing — a quick store checks
@@ -212,8 +197,8 @@ def regenerate(out: Path = CACHED_STORE, *, quick: bool = False, progress: Progr
     # flatness records: the shipped store's (default recipe), not a quick check's
     after = (None if progress is None else  # the bar stays full; the message says which
              lambda i, n, message: progress(len(specs), len(specs), f"{message} ({i + 1}/{n})"))
-    measured = (_measure_flatness(store, flatness_run_ids(specs), after)
-                if recipe_is_default and not quick else [])
+    measured = (measure_flatness(store, flatness_run_ids(specs), after)
+                if measure_flatness and recipe_is_default and not quick else [])
 
     previous = read_json(partial / "manifest.json", default=None) if update else None
     manifest = {"command": COMMAND + (" --quick" if quick else "") + (" --update" if update
@@ -325,8 +310,10 @@ def write_readme(out: Path) -> None:
     atomic_write_bytes(Path(out) / "README.md", readme().encode())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vpeft_viz.runs.cached [--quick] [--out DIR]``: regenerate with a bar."""
+def main(argv: Sequence[str] | None = None,
+         measure_flatness: MeasureFlatness | None = None) -> int:
+    """``python -m vpeft_viz cache-runs [--quick] [--out DIR]``: regenerate with a bar (the
+    command passes ``measure_flatness``; without it the flatness records are not made)."""
     import argparse
 
     from tqdm import tqdm
@@ -349,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         manifest = regenerate(args.out, quick=args.quick, progress=progress,
-                              update=args.update, device=args.device)
+                              update=args.update, device=args.device,
+                              measure_flatness=measure_flatness)
     finally:
         bar.close()
     print(f"{len(manifest['runs'])} runs in {args.out} ({len(manifest['trained'])} trained, "

@@ -38,7 +38,7 @@ from torch import nn  # noqa: E402
 
 from vpeft_viz.backbones import create_backbone, image_size, input_stats  # noqa: E402
 from vpeft_viz.data import resolve_data  # noqa: E402
-from vpeft_viz.data.dataset import ImageDataset  # noqa: E402
+from vpeft_viz.data.dataset import ImageDataset, resolve_normalization  # noqa: E402
 from vpeft_viz.methods import attach_method, create_method  # noqa: E402
 from vpeft_viz.runs.execute import execute_run, make_run_config  # noqa: E402
 from vpeft_viz.runs.store import RunStore  # noqa: E402
@@ -49,7 +49,7 @@ def decoded_splits(spec: str, backbone: str, seed: int) -> tuple[int, dict]:
     """(classes, split → (images, labels)) decoded and normalised as the engine does."""
     task = resolve_data(spec, seed=seed)
     probe = create_backbone(backbone, num_classes=task.num_classes, pretrained=False)
-    mean, std = input_stats(probe)
+    mean, std = resolve_normalization("backbone", *input_stats(probe))  # the engine's rule
     out = {}
     for split in ("train", "val", "test"):
         ds = ImageDataset(task.splits[split], image_size=image_size(probe), mean=mean, std=std,

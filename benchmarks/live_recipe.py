@@ -37,18 +37,19 @@ from _common import write_result  # noqa: E402
 # Learning rates tried per method (families: the head alone, every weight, PEFT modules).
 GRIDS = {
     "linear": (0.01, 0.03, 0.1, 0.3),
-    "full": (1e-4, 3e-4, 1e-3),
+    "full": (1e-4, 3e-4, 1e-3, 3e-3),
     "lora": (1e-3, 3e-3, 1e-2, 3e-2),
-    "adaptformer": (1e-3, 3e-3, 1e-2, 3e-2),
-    "ssf": (1e-3, 3e-3, 1e-2, 3e-2),
+    "adaptformer": (1e-3, 3e-3, 1e-2, 3e-2, 0.1),
+    "ssf": (1e-3, 3e-3, 1e-2, 3e-2, 0.1),
     "vpt-deep": (1e-3, 1e-2),
 }
 
 
 def spec_text(name: str, method: str, lrs: tuple[float, ...], tasks: list[str],
-              checkpoint: str | None, precision: str, epochs: int) -> str:
+              checkpoint: str | None, precision: str, epochs: int,
+              seeds: tuple[int, ...] = (0,)) -> str:
     lines = [f'name = "{name}"', f"tasks = {json.dumps(tasks)}", f'methods = ["{method}"]',
-             "seeds = [0]"]
+             f"seeds = {json.dumps(list(seeds))}"]
     if checkpoint:
         lines.append(f"checkpoint = {json.dumps(str(Path(checkpoint).resolve()))}")
     lines += ["[train]", f"epochs = {epochs}", f'precision = "{precision}"',
@@ -56,10 +57,11 @@ def spec_text(name: str, method: str, lrs: tuple[float, ...], tasks: list[str],
     return "\n".join(lines) + "\n"
 
 
-def collect(store: Path, checkpoint: str | None) -> dict[str, dict[float, dict[str, dict]]]:
-    """method → lr → task → {val_acc, test_acc, train_time_s} of finished seed-0 runs on
-    the given backbone (a checkpoint path, or the embedded default) with the weights that
-    are there now."""
+def collect(store: Path, checkpoint: str | None, seed: int = 0,
+            epochs: int = 10) -> dict[str, dict[float, dict[str, dict]]]:
+    """method → lr → task → {val_acc, test_acc, train_time_s} of finished runs of ``seed``
+    trained for ``epochs`` on the given backbone (a checkpoint path, or the embedded default)
+    with the weights that are there now."""
     from vpeft_viz.backbones import weights_fingerprint
     from vpeft_viz.weights import EMBEDDED_WEIGHTS, recorded_weights_id
 
@@ -73,7 +75,8 @@ def collect(store: Path, checkpoint: str | None) -> dict[str, dict[float, dict[s
             s = json.loads((d / "summary.json").read_text())
         except (OSError, ValueError):
             continue
-        if (cfg["backbone"].get("checkpoint") != want or cfg["train"].get("seed") != 0
+        if (cfg["backbone"].get("checkpoint") != want or cfg["train"].get("seed") != seed
+                or cfg["train"].get("epochs") != epochs
                 or recorded_weights_id(cfg["backbone"]) not in (weights, None)):
             continue
         if s.get("test_acc") is None:
@@ -112,6 +115,18 @@ def targets(pixels: dict[str, dict]) -> dict[str, float]:
     return {t: min(0.95, max(r["test_acc"] + 0.05, 2 * r["chance"])) for t, r in pixels.items()}
 
 
+PEFT_FOR_PATTERN = ("lora", "adaptformer", "ssf")
+
+
+def vtab_pattern(mean: dict[str, float]) -> bool | None:
+    """linear < full <= best of LoRA / AdaptFormer / SSF on suite means (None: a method is
+    missing)."""
+    peft = [mean[m] for m in PEFT_FOR_PATTERN if m in mean]
+    if not ({"linear", "full"} <= mean.keys() and peft):
+        return None
+    return mean["linear"] < mean["full"] <= max(peft)
+
+
 def suite_check(chosen: dict[str, dict], tables: dict[str, dict], tasks: list[str],
                 pixels: dict[str, dict]) -> dict:
     """Test accuracy at each method's chosen learning rate against the bars: LoRA per task
@@ -128,9 +143,40 @@ def suite_check(chosen: dict[str, dict], tables: dict[str, dict], tasks: list[st
         out["lora_mean_ge_0.70"] = mean["lora"] >= 0.70
     if "linear" in mean:
         out["linear_mean_ge_0.55"] = mean["linear"] >= 0.55
-    peft = [mean[m] for m in ("lora", "adaptformer", "ssf") if m in mean]
-    if {"linear", "full"} <= mean.keys() and peft:
-        out["vtab_pattern"] = mean["linear"] < mean["full"] <= max(peft)
+    if vtab_pattern(mean) is not None:
+        out["vtab_pattern"] = vtab_pattern(mean)
+    return out
+
+
+def seed_check(by_seed: dict[int, dict[str, dict[str, dict]]], tasks: list[str]) -> dict:
+    """The suite's test means per seed and over seeds at one rate per method: ``by_seed`` is
+    seed → method → task → run record (the chosen rate's). Only seeds with a run of every
+    method on every task count. The VTAB pattern (linear < full <= best of LoRA /
+    AdaptFormer / SSF) is checked per seed and on the means over seeds; ``full_minus_best_peft``
+    gives the margin per seed (> 0: full fine-tuning ahead)."""
+    methods = sorted({m for runs in by_seed.values() for m in runs})
+    complete = sorted(s for s, runs in by_seed.items()
+                      if all(t in runs.get(m, {}) for m in methods for t in tasks))
+    means = {m: {s: statistics.mean(by_seed[s][m][t]["test_acc"] for t in tasks)
+                 for s in complete} for m in methods}
+    out: dict = {"seeds": complete, "methods": {}, "per_task_mean": {}}
+    for m in methods:
+        values = list(means[m].values())
+        out["methods"][m] = {
+            "test_mean_per_seed": {str(s): v for s, v in means[m].items()},
+            "mean": statistics.mean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None}
+        out["per_task_mean"][m] = {t: statistics.mean(by_seed[s][m][t]["test_acc"]
+                                                      for s in complete)
+                                   for t in tasks} if complete else {}
+    peft = [m for m in PEFT_FOR_PATTERN if m in methods]
+    if complete and vtab_pattern({m: 0.0 for m in methods}) is not None:
+        out["full_minus_best_peft"] = {
+            str(s): means["full"][s] - max(means[m][s] for m in peft) for s in complete}
+        out["vtab_pattern_per_seed"] = {
+            str(s): vtab_pattern({m: means[m][s] for m in methods}) for s in complete}
+        out["vtab_pattern_on_seed_means"] = vtab_pattern(
+            {m: out["methods"][m]["mean"] for m in methods})
     return out
 
 
@@ -148,6 +194,9 @@ def main() -> None:
                    "--precision, the bars of issue #9 measured at the default live recipe")
     p.add_argument("--tasks", nargs="*", default=list(EMBEDDED_TASKS))
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seeds", type=int, nargs="*", default=[0], help="seeds to run; the rate "
+                   "is chosen on seed 0, the other seeds report the spread of the test means "
+                   "at the chosen rates (e.g. --defaults --seeds 0 1 2)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--workers", type=int, default=1, help="CPU runs at a time")
     p.add_argument("--select-only", action="store_true", help="train nothing; choose from "
@@ -176,13 +225,14 @@ def main() -> None:
         for method in args.methods:
             spec = args.store / f"recipe-{method}-{tag}.toml"
             spec.write_text(spec_text(spec.stem, method, grids[method], args.tasks,
-                                      args.checkpoint, args.precision, args.epochs))
+                                      args.checkpoint, args.precision, args.epochs,
+                                      tuple(args.seeds)))
             done = subprocess.run([sys.executable, "-m", "vpeft_viz", "sweep", str(spec),
                                    "--backend", "local", "--store", str(args.store)], env=env)
             if done.returncode:  # some runs failed or went missing: choose from the rest
                 print(f"sweep {spec.name} ended with status {done.returncode}; the choice "
                       "uses the learning rates with a run on every task", file=sys.stderr)
-    runs = collect(args.store, args.checkpoint)
+    runs = collect(args.store, args.checkpoint, 0, args.epochs)
     if args.defaults:  # the store may hold other rates: only the defaults count here
         runs = {m: {lr: r for lr, r in runs.get(m, {}).items() if lr in grids[m]}
                 for m in args.methods}
@@ -208,13 +258,30 @@ def main() -> None:
             print(f"| {t} | {r['lora']:.3f} | {target} | {'yes' if r['pass'] else 'no'} |")
     print("\ntest means at the chosen rates: "
           + ", ".join(f"{m} {v:.3f}" for m, v in check["test_mean"].items()))
+    seeds = None
+    if args.seeds != [0]:
+        by_seed = {}
+        for seed in args.seeds:
+            at_seed = collect(args.store, args.checkpoint, seed, args.epochs)
+            by_seed[seed] = {m: at_seed.get(m, {}).get(c["lr"], {}) for m, c in chosen.items()}
+        seeds = seed_check(by_seed, args.tasks)
+        print(f"\nseeds {seeds['seeds']} (test means at the chosen rates):")
+        for m, r in seeds["methods"].items():
+            spread = "" if r["std"] is None else f" ± {r['std']:.3f}"
+            per = ", ".join(f"{v:.3f}" for v in r["test_mean_per_seed"].values())
+            print(f"  {m}: {r['mean']:.3f}{spread}  ({per})")
+        if "vtab_pattern_on_seed_means" in seeds:
+            print("  full - best PEFT per seed: " + ", ".join(
+                f"{v:+.3f}" for v in seeds["full_minus_best_peft"].values())
+                + f"; pattern on the means: {seeds['vtab_pattern_on_seed_means']}")
     path = write_result(args.out, {
         "backbone": args.checkpoint or "embedded (shipped weights)",
         "recipe": {"epochs": args.epochs, "seed": 0, "precision": args.precision,
+                   "seeds": args.seeds,
                    "split": "train800 → val200 (choice) → test (reported)"},
         "grids": {m: list(grids[m]) for m in args.methods}, "defaults": args.defaults,
         "tasks": args.tasks,
-        "chosen": chosen, "tables": tables, "suite_check": check,
+        "chosen": chosen, "tables": tables, "suite_check": check, "seed_check": seeds,
         "wall_s": round(time.time() - t0, 1)})
     print(f"wrote {path}")
 

@@ -112,6 +112,28 @@ def test_live_recipe_bars_follow_the_issue():
     assert check["vtab_pattern"]
 
 
+def test_live_recipe_seed_check_reports_spread_and_pattern_per_seed():
+    """Seeds report the suite's test mean per seed, its spread, and the VTAB pattern per
+    seed and on the means; a seed missing a run is left out rather than averaged short."""
+    module = load_benchmark("live_recipe")
+
+    def runs(acc):
+        return {"a": {"test_acc": acc}, "b": {"test_acc": acc}}
+
+    by_seed = {0: {"linear": runs(0.5), "full": runs(0.8), "lora": runs(0.7), "ssf": runs(0.6)},
+               1: {"linear": runs(0.5), "full": runs(0.7), "lora": runs(0.8), "ssf": runs(0.6)},
+               2: {"linear": runs(0.5), "full": runs(0.7), "lora": {"a": {"test_acc": 0.9}},
+                   "ssf": runs(0.6)}}
+    check = module.seed_check(by_seed, ["a", "b"])
+    assert check["seeds"] == [0, 1]
+    assert check["methods"]["full"]["mean"] == pytest.approx(0.75)
+    assert check["methods"]["full"]["std"] == pytest.approx(0.0707, abs=1e-4)
+    assert check["full_minus_best_peft"] == {"0": pytest.approx(0.1), "1": pytest.approx(-0.1)}
+    assert check["vtab_pattern_per_seed"] == {"0": False, "1": True}
+    assert check["vtab_pattern_on_seed_means"] is True   # full 0.75 <= LoRA 0.75
+    assert module.vtab_pattern({"linear": 0.5, "full": 0.6}) is None
+
+
 def test_live_vs_plain_loop_does_the_engine_runs_work(tmp_path):
     """The plain reference loop trains the run config's model and recipe on the decoded
     splits (here one epoch): it learns, and it reads the same learning rate as the engine."""

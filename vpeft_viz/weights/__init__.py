@@ -34,8 +34,9 @@ EMBEDDED_LR: dict[str, float] = {
     "adaptformer": 3e-2,  # 0.783 (0.1: 0.765, 1e-2: 0.760, 3e-3: 0.683, 1e-3: 0.548)
     "ssf": 3e-2,  # 0.833 (0.1: 0.567, 1e-2: 0.817, 3e-3: 0.741, 1e-3: 0.636)
     "vpt-deep": 1e-2,  # 0.684 (1e-3: 0.527)
-    # their family's rate (PEFT modules: 1e-2), checked against 1e-3 on digits' val200:
-    # 1e-2 better for every one of them (MODEL_CARD.md, "How the live recipe was chosen")
+    # the PEFT family's first rate (1e-2), checked against 1e-3 on digits' val200: 1e-2
+    # better for every one of them (MODEL_CARD.md, "How the live recipe was chosen"); not
+    # tried above 1e-2, where AdaptFormer's and SSF's complete grids found their optimum
     "bitfit": 1e-2, "vpt-shallow": 1e-2, "spt-lora": 1e-2, "spt-adapter": 1e-2, "sct": 1e-2,
     "dyt": 1e-2, "e2vpt": 1e-2, "bi-adaptformer": 1e-2, "bi-lora": 1e-2, "velora": 1e-2,
     "hst": 1e-2,

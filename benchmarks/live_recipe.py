@@ -143,8 +143,9 @@ def suite_check(chosen: dict[str, dict], tables: dict[str, dict], tasks: list[st
         out["lora_mean_ge_0.70"] = mean["lora"] >= 0.70
     if "linear" in mean:
         out["linear_mean_ge_0.55"] = mean["linear"] >= 0.55
-    if vtab_pattern(mean) is not None:
-        out["vtab_pattern"] = vtab_pattern(mean)
+    pattern = vtab_pattern(mean)
+    if pattern is not None:
+        out["vtab_pattern"] = pattern
     return out
 
 
@@ -170,7 +171,7 @@ def seed_check(by_seed: dict[int, dict[str, dict[str, dict]]], tasks: list[str])
                                                       for s in complete)
                                    for t in tasks} if complete else {}
     peft = [m for m in PEFT_FOR_PATTERN if m in methods]
-    if complete and vtab_pattern({m: 0.0 for m in methods}) is not None:
+    if complete and {"linear", "full"} <= set(methods) and peft:
         out["full_minus_best_peft"] = {
             str(s): means["full"][s] - max(means[m][s] for m in peft) for s in complete}
         out["vtab_pattern_per_seed"] = {
@@ -203,6 +204,9 @@ def main() -> None:
                    "the runs the store has")
     p.add_argument("--out", default="live_recipe", help="result name under results/")
     args = p.parse_args()
+    if args.seeds != [0] and not (args.defaults or args.select_only):
+        p.error("--seeds needs --defaults (one rate per method) or --select-only: with a grid "
+                "every rate would be trained at every seed")
     if args.defaults:
         from vpeft_viz.methods import get_method_class
         from vpeft_viz.weights import EMBEDDED_BACKBONE
